@@ -1,0 +1,171 @@
+"""Model construction and checkpoints.
+
+A torchvision ResNet (ResNet50 by default) with a ``Dropout -> Linear`` head over the
+discovered classes. Checkpoints are plain dicts of tensors and Python types, written
+atomically and read with ``torch.load(..., weights_only=True)``; like torchxrayvision's
+weights they carry their classes, preprocessing contract and decision thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from core.config import ARCHS, PreprocessConfig, from_dict
+from core.errors import CheckpointError, ConfigError, WeightsUnavailableError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cxr-insight-checkpoint"
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("format", "version", "arch", "classes", "preprocess", "state_dict")
+
+_WEIGHTS = {
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+}
+
+
+def _imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
+    return torchvision.models.get_weight(_WEIGHTS[arch])
+
+
+def build_model(
+    num_classes: int,
+    weights: str = "imagenet",
+    arch: str = "resnet50",
+    dropout: float = 0.3,
+) -> nn.Module:
+    """A torchvision ResNet with a dropout + linear head.
+
+    ``weights``: ``"imagenet"`` (torchvision's weights API; downloads once into
+    ``$TORCH_HOME``), ``"none"`` (random initialisation), or a path to a local state dict
+    (a torchvision ``.pth`` file, for offline machines). The classifier layer of a local
+    file is ignored when its shape differs.
+    """
+    if arch not in ARCHS:
+        raise ConfigError(f"arch={arch!r} is not valid; choose one of: {', '.join(ARCHS)}")
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+    ctor = getattr(torchvision.models, arch)
+    if weights == "imagenet":
+        w = _imagenet_weights(arch)
+        try:
+            model = ctor(weights=w)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError
+            raise WeightsUnavailableError(
+                f"Could not download the ImageNet weights {w} ({exc}). To work offline: "
+                f"download {w.url} on a connected machine and pass --weights /path/to/that.pth, "
+                "or copy it into $TORCH_HOME/hub/checkpoints/; or train from scratch with "
+                "--weights none."
+            ) from exc
+    else:
+        model = ctor(weights=None)
+        if weights not in ("none", "", None):
+            path = Path(weights)
+            if not path.is_file():
+                raise WeightsUnavailableError(
+                    f"Weights file not found: {path}. Pass --weights imagenet, none, or an "
+                    "existing .pth state dict."
+                )
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises several unrelated types here
+                raise WeightsUnavailableError(f"Cannot read weights file {path}: {exc}") from exc
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            own = model.state_dict()
+            state = {k: v for k, v in state.items() if not (k.startswith("fc.") and
+                     (k not in own or own[k].shape != v.shape))}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            bad = [k for k in missing if not k.startswith("fc.")]
+            if bad or unexpected:
+                raise WeightsUnavailableError(
+                    f"{path} does not match torchvision {arch}: missing {bad[:5]}, "
+                    f"unexpected {list(unexpected)[:5]}"
+                )
+    in_features = model.fc.in_features
+    model.fc = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(in_features, num_classes))
+    return model
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.fc.parameters())
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` and check that it is ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint not found: {path}. Train one with `python -m core.train --output "
+            "models/<run>` or pick an existing models/<run>/best.pt."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and tensor errors all land here
+        raise CheckpointError(f"Cannot load checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a CXR Insight checkpoint.")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"Checkpoint {path} lacks {missing}; it is damaged or too old.")
+    if int(ckpt["version"]) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {path} has format version {ckpt['version']}; this code reads up to "
+            f"{CHECKPOINT_VERSION}. Upgrade CXR Insight."
+        )
+    return ckpt
+
+
+def preprocess_config_of(ckpt: dict[str, Any]) -> PreprocessConfig:
+    return from_dict(PreprocessConfig, ckpt["preprocess"])
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the network of a loaded checkpoint (eval mode, CPU)."""
+    model = build_model(len(ckpt["classes"]), weights="none", arch=ckpt["arch"],
+                        dropout=float(ckpt.get("dropout", 0.0)))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"Checkpoint weights do not fit {ckpt['arch']}: {exc}") from exc
+    return model.eval()
