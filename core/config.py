@@ -115,6 +115,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     scheduler: str = "plateau"
     dropout: float = 0.3
+    freeze_bn: bool = False  # BatchNorm in eval mode while training (small batches, CPU DDP)
     class_weighted_loss: bool = True
     weighted_sampler: bool = False
     early_stop_patience: int = 8

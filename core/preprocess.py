@@ -224,7 +224,8 @@ class Transform:
     ) -> None:
         self.cfg = cfg
         self.train = train
-        self.augment = build_augment(augment or AugmentConfig(), seed) if train else None
+        aug = augment or AugmentConfig()
+        self.augment = build_augment(aug, seed) if train and aug.p > 0 else None
 
     def __call__(self, gray: np.ndarray, lung_mask: np.ndarray | None = None) -> torch.Tensor:
         u8 = prepare(gray, self.cfg, lung_mask)

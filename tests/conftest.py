@@ -1,0 +1,88 @@
+"""Shared fixtures.
+
+Real-data tests use ``../shared/data/cxr-real`` (1,350 real X-rays, 3 classes) by path and
+are skipped, with the reason, where that folder is absent (users' machines). The real model
+is trained once per test session (``trained_run``) and reused by every real-data test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+REAL_DIR = SHARED / "cxr-real"
+MASKS_DIR = SHARED / "lung-masks"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def require_real() -> Path:
+    if not (REAL_DIR / "COVID" / "images").is_dir():
+        pytest.skip(f"real chest X-rays not found at {REAL_DIR} (they sit beside the clone in CI "
+                    "as ../shared/data/cxr-real; users' machines don't have them)")
+    return REAL_DIR
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    return require_real()
+
+
+def write_png(path: Path, arr: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def blob_image(rng: np.random.Generator, cls: int, size: int = 64) -> np.ndarray:
+    """A small synthetic grayscale image whose class is a bright blob's position."""
+    img = rng.normal(60, 12, (size, size))
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = [(size // 4, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, size // 2)][cls % 3]
+    img += 150 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 10) ** 2))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path, per_class: int = 12, classes=("A", "B", "C"), layout: str = "plain",
+                 seed: int = 0, size: int = 64) -> Path:
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        folder = root / c / "images" if layout == "database" else root / c
+        for i in range(per_class):
+            write_png(folder / f"{c}-{i}.png", blob_image(rng, k, size))
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "ds")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet50 trained from scratch on the real set, once per session; returns best.pt.
+
+    Small for CI (64 px, 6 epochs, about a minute or two on 2 cores) yet honest: from random
+    weights it must learn the real images well above chance (see test_train_real). It is then
+    calibrated and evaluated (``core.evaluate.finalize_run``) like every run.
+    """
+    data = require_real()
+    from core.config import DataConfig, PreprocessConfig, RunConfig, TrainConfig
+    from core.train import fit
+
+    out = tmp_path_factory.mktemp("real_run")
+    cfg = RunConfig(
+        data=DataConfig(data_dir=str(data)),
+        preprocess=PreprocessConfig(img_size=64),
+        train=TrainConfig(output=str(out), arch="resnet50", weights="none", epochs=6,
+                          batch_size=32, lr=1e-3, backbone_lr_mult=1.0, scheduler="cosine",
+                          early_stop_patience=6, seed=0),
+    )
+    return fit(cfg, progress=False)

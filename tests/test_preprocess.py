@@ -1,0 +1,97 @@
+"""The preprocessing contract: decoding, resizing, CLAHE, normalisation, augmentation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.config import AugmentConfig, PreprocessConfig
+from core.preprocess import build_transform, clahe, load_gray, prepare, resize, to_gray
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16bit_png_is_scaled_by_bit_depth_not_clipped(tmp_path):
+    arr = np.array([[0, 1000, 30000, 65535]] * 4, dtype=np.uint16)
+    path = tmp_path / "x16.png"
+    Image.fromarray(arr).save(path)
+    gray = load_gray(path)
+    np.testing.assert_allclose(gray[0], arr[0] / 65535.0, rtol=1e-6)
+    # Pillow's convert("L") would clip every value above 255 to white:
+    assert (np.asarray(Image.open(path).convert("L"))[0] == 255).sum() >= 3
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA"])
+def test_every_8bit_mode_becomes_the_same_gray(mode):
+    base = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))
+    img = Image.fromarray(base).convert(mode)
+    gray = to_gray(Image.open(io.BytesIO(png_bytes(img))))
+    assert gray.dtype == np.float32 and gray.shape == base.shape
+    np.testing.assert_allclose(gray, base / 255.0, atol=1.5 / 255)
+
+
+def test_arrays_are_accepted():
+    u16 = np.full((8, 8), 65535, np.uint16)
+    assert to_gray(u16).max() == pytest.approx(1.0)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 255
+    assert to_gray(rgb)[0, 0] == pytest.approx(0.587, abs=1e-3)
+
+
+def test_letterbox_keeps_aspect_ratio_and_centres(tmp_path):
+    wide = np.ones((100, 200), np.float32)  # 2:1
+    out = resize(wide, 64, "letterbox")
+    assert out.shape == (64, 64)
+    rows = np.nonzero(out.max(axis=1) > 0.5)[0]
+    assert rows.min() == 16 and rows.max() == 47  # 32 rows of content, centred
+    assert out[:16].max() == 0 and out[48:].max() == 0  # black padding
+    stretched = resize(wide, 64, "stretch")
+    assert stretched.min() == pytest.approx(1.0)
+
+
+def test_clahe_is_applied_after_resize_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    big = (rng.random((512, 512)) * 0.3 + 0.2).astype(np.float32)
+    cfg = PreprocessConfig(img_size=64)
+    a, b = prepare(big, cfg), prepare(big, cfg)
+    assert a.shape == (64, 64) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    u8 = (resize(big, 64) * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(a, clahe(u8, 2.0, 8))
+    # CLAHE spreads a low-contrast image's histogram:
+    assert a.std() > u8.std()
+
+
+def test_transform_output_is_normalised_three_identical_channels():
+    cfg = PreprocessConfig(img_size=32, clahe=False)
+    gray = np.full((50, 50), 102 / 255, np.float32)
+    x = build_transform(cfg)(gray)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    # each channel is the same image, normalised with its own ImageNet mean/std
+    for c in range(3):
+        v = (x[c] * cfg.std[c] + cfg.mean[c])
+        assert torch.allclose(v, torch.full_like(v, 102 / 255), atol=1e-5)
+
+
+def test_training_augmentation_is_seeded_and_off_for_eval():
+    gray = np.random.default_rng(1).random((80, 80)).astype(np.float32)
+    cfg = PreprocessConfig(img_size=48)
+    aug = AugmentConfig(p=1.0)
+    a = build_transform(cfg, train=True, augment=aug, seed=3)(gray)
+    b = build_transform(cfg, train=True, augment=aug, seed=3)(gray)
+    plain = build_transform(cfg)(gray)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, plain)
+    assert torch.equal(plain, build_transform(cfg, train=False, augment=aug)(gray))
+
+
+def test_hflip_is_off_by_default():
+    assert AugmentConfig().hflip is False

@@ -1,0 +1,167 @@
+"""Training: learning on real data, resume after a kill, DDP equivalence, head-mode cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.config import AugmentConfig, DataConfig, PreprocessConfig, RunConfig, TrainConfig
+from core.model import load_checkpoint
+from core.train import class_weights, fit, weighted_loss
+from tests.conftest import ROOT, make_dataset
+
+TINY = dict(arch="resnet18", weights="none", batch_size=6, lr=1e-3, dropout=0.0,
+            evaluate=False, seed=3)
+
+
+def tiny_cfg(data: Path, out: Path, **train) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(data_dir=str(data)),
+        preprocess=PreprocessConfig(img_size=32),
+        augment=AugmentConfig(),
+        train=TrainConfig(output=str(out), **{**TINY, **train}),
+    )
+
+
+def states_close(a: dict, b: dict, atol: float = 1e-5) -> float:
+    worst = 0.0
+    for k, v in a.items():
+        if v.is_floating_point():
+            worst = max(worst, float((v - b[k]).abs().max()))
+    return worst
+
+
+def test_class_weighted_loss_is_shard_invariant():
+    """DDP averages per-shard losses; ours must then equal the loss of the global batch."""
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 3), torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])
+    w = class_weights(y.tolist(), 3)
+    assert float((w[y]).mean()) == pytest.approx(1.0)
+    whole = weighted_loss(logits, y, w)
+    halves = (weighted_loss(logits[::2], y[::2], w) + weighted_loss(logits[1::2], y[1::2], w)) / 2
+    assert float(whole) == pytest.approx(float(halves), rel=1e-6)
+
+
+def test_killed_run_resumes_and_finishes_like_an_uninterrupted_one(tmp_path):
+    data = make_dataset(tmp_path / "ds", per_class=12)
+    ref = fit(tiny_cfg(data, tmp_path / "ref", epochs=3), progress=False)
+
+    out = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from tests.test_train import tiny_cfg
+        from core.train import fit
+        from pathlib import Path
+        def kill(step):
+            if step == 6:  # the second step of epoch 2 (4 steps per epoch)
+                os.kill(os.getpid(), signal.SIGKILL)
+        fit(tiny_cfg(Path({str(data)!r}), Path({str(out)!r}), epochs=3), on_step=kill,
+            progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1  # died mid-epoch 2
+
+    fit(tiny_cfg(data, out, epochs=3, resume=True), progress=False)
+    last = load_checkpoint(out / "last.pt")
+    assert last["epoch"] == 3
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1, 2, 3]
+    ref_last = load_checkpoint(ref.parent / "last.pt")
+    assert states_close(last["state_dict"], ref_last["state_dict"]) < 1e-5
+
+
+def test_head_mode_trains_only_the_head_on_cached_features(tmp_path):
+    data = make_dataset(tmp_path / "ds", per_class=12)
+    best = fit(tiny_cfg(data, tmp_path / "head", epochs=3, mode="head", lr=1e-2), progress=False)
+    ckpt = load_checkpoint(best.parent / "last.pt")
+    hist = json.loads((best.parent / "history.json").read_text())
+    assert [h["phase"] for h in hist] == ["head"] * 3
+    torch.manual_seed(3)  # the run's seed: same initial backbone
+    from core.model import build_model
+
+    init = build_model(3, weights="none", arch="resnet18", dropout=0.0).state_dict()
+    for k, v in ckpt["state_dict"].items():
+        if not k.startswith("fc.") and v.is_floating_point() and "running" not in k:
+            assert torch.equal(v, init[k]), f"backbone weight {k} changed in head mode"
+    assert not torch.equal(ckpt["state_dict"]["fc.1.weight"], init["fc.1.weight"])
+
+
+def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "core.train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+def _cli(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--output", str(out), "--arch", "resnet18", "--weights",
+            "none", "--img-size", "32", "--batch-size", "6", "--dropout", "0", "--freeze-bn",
+            "--no-augment", "--no-evaluate", "--device", "cpu", "--seed", "5", "--quiet", *extra]
+
+
+def test_ddp_two_processes_match_a_single_process(tmp_path):
+    """gloo DDP on 2 CPU processes == one process with the same global batch and seed.
+
+    BatchNorm is frozen (--freeze-bn) because SyncBatchNorm does not run on CPU; dropout and
+    augmentation are off because their random draws are per process.
+    """
+    data = make_dataset(tmp_path / "ds", per_class=20)  # 42 training images: equal shards
+    single = tmp_path / "single"
+    from core.train import main
+
+    assert main(_cli(data, single, "--epochs", "2")) == 0
+    proc = _torchrun(_cli(data, tmp_path / "ddp", "--epochs", "2"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_checkpoint(single / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "ddp" / "last.pt")["state_dict"]
+    torch.manual_seed(5)
+    from core.model import build_model
+
+    init = build_model(3, weights="none", arch="resnet18", dropout=0.0).state_dict()
+    keys = [k for k in a if a[k].is_floating_point() and "running" not in k]
+
+    def norm(d):
+        return float(torch.sqrt(sum(((d(k)) ** 2).sum() for k in keys)))
+
+    moved = norm(lambda k: a[k] - init[k])
+    apart = norm(lambda k: a[k] - b[k])
+    # Float summation order differs between one batch and two all-reduced shards, and Adam
+    # magnifies that noise on near-zero gradients, so compare against how far training moved.
+    assert moved > 1e-2, "training did not move the weights: the comparison would be vacuous"
+    assert apart / moved < 1e-2, f"DDP is {apart:.2e} from single-process (moved {moved:.2e})"
+
+    # Early stopping: with a zero learning rate validation never improves after epoch 1, so
+    # patience 1 stops at epoch 2, on both ranks and in the single process alike.
+    proc = _torchrun(_cli(data, tmp_path / "ddp_stop", "--epochs", "5", "--lr", "0",
+                          "--early-stop-patience", "1"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 of 2 finished after epoch 2" in proc.stderr
+    assert "rank 1 of 2 finished after epoch 2" in proc.stderr
+    assert main(_cli(data, tmp_path / "single_stop", "--epochs", "5", "--lr", "0",
+                     "--early-stop-patience", "1")) == 0
+    assert load_checkpoint(tmp_path / "single_stop" / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_train_real_from_scratch_learns(trained_run):
+    """From random weights on the real X-rays, the session model must beat chance by far.
+
+    The CI model is small (64 px, 6 epochs, ~1-2 min); a full-size run (128 px, 8 epochs,
+    quoted in the README) reaches the issue's 0.85 bar. Chance is 1/3.
+    """
+    ckpt = load_checkpoint(trained_run)
+    report = json.loads((trained_run.parent / "report" / "metrics.json").read_text())
+    assert ckpt["classes"] == ["COVID", "Normal", "Viral Pneumonia"]
+    acc = report["overall"]["accuracy"]["value"]
+    assert acc >= 0.75, f"test accuracy {acc:.3f} is too close to chance (0.33)"
+    assert ckpt["val_metrics"]["macro_f1"] >= 0.7
