@@ -158,12 +158,23 @@ def clahe(u8: np.ndarray, clip: float = 2.0, tiles: int = 8) -> np.ndarray:
     return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(u8)
 
 
-def prepare(gray: np.ndarray, cfg: PreprocessConfig, lung_mask: np.ndarray | None = None) -> np.ndarray:
-    """Deterministic part of the contract: grayscale [0,1] -> resized, CLAHE'd uint8 image."""
-    if cfg.lung_view != "none":
-        from core import lungs  # local import: only lung-view runs need the segmenter
+def lung_view(gray: np.ndarray, cfg: PreprocessConfig, lung_mask: np.ndarray | None = None) -> Any:
+    """The contract's lung-view step: a ``core.lungs.LungView``, or None for ``lung_view="none"``."""
+    if cfg.lung_view == "none":
+        return None
+    from core import lungs  # local import: only lung-view runs need the segmenter
 
-        gray = lungs.apply_lung_view(gray, cfg, mask=lung_mask).image
+    return lungs.apply_lung_view(gray, cfg, mask=lung_mask)
+
+
+def prepare(gray: np.ndarray, cfg: PreprocessConfig, lung_mask: np.ndarray | None = None,
+            view: Any = None) -> np.ndarray:
+    """Deterministic part of the contract: grayscale [0,1] -> resized, CLAHE'd uint8 image.
+
+    ``view``: an already computed :func:`lung_view` of ``gray`` (avoids segmenting twice).
+    """
+    if cfg.lung_view != "none":
+        gray = (view if view is not None else lung_view(gray, cfg, lung_mask)).image
     u8 = to_uint8(resize(gray.astype(np.float32), cfg.img_size, cfg.resize_mode))
     if cfg.clahe:
         u8 = clahe(u8, cfg.clahe_clip, cfg.clahe_tiles)
@@ -228,10 +239,15 @@ class Transform:
         self.augment = build_augment(aug, seed) if train and aug.p > 0 else None
 
     def __call__(self, gray: np.ndarray, lung_mask: np.ndarray | None = None) -> torch.Tensor:
-        u8 = prepare(gray, self.cfg, lung_mask)
+        return self.with_view(gray, lung_mask)[0]
+
+    def with_view(self, gray: np.ndarray, lung_mask: np.ndarray | None = None) -> tuple[torch.Tensor, Any]:
+        """The model input and the lung view it was cut from (None for ``lung_view="none"``)."""
+        view = lung_view(gray, self.cfg, lung_mask)
+        u8 = prepare(gray, self.cfg, view=view)
         if self.augment is not None:
             u8 = self.augment(u8)
-        return normalize(u8, self.cfg)
+        return normalize(u8, self.cfg), view
 
     def reseed(self, seed: int) -> None:
         if self.augment is not None:

@@ -1,0 +1,290 @@
+"""Grad-CAM and phantoms: the fast path is exact, maps localise lesions, sanity checks, threads.
+
+The localisation tests train one small model on procedural phantoms (``core.synthetic``)
+once per session (``phantom_run``); see its docstring for the size/time trade-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from core import gradcam as G
+from core import synthetic
+from core.errors import ConfigError
+from core.model import build_model
+from core.preprocess import letterbox_box, resize
+
+log = logging.getLogger(__name__)
+
+
+class _GradCAMNoResize(GradCAM):
+    """pytorch-grad-cam's GradCAM with its maps left at the layer's resolution (7x7): with
+    no target size, ``scale_cam_image`` only min-max normalises (after the ReLU)."""
+
+    def get_target_width_height(self, input_tensor):  # noqa: ARG002 - library signature
+        return None
+
+
+def _random_model(arch: str, num_classes: int = 4, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(num_classes, weights="none", arch=arch, dropout=0.3).eval()
+
+
+# ---------------------------------------------------------------- 1. the fast path is Grad-CAM
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_fast_cam_equals_pytorch_grad_cam(arch):
+    model = _random_model(arch)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    targets = [1, 3]
+    with torch.inference_mode():
+        logits, cams = G.forward_with_cam(model, x, targets)
+        assert torch.equal(logits, model(x))  # the same forward pass as the model's own
+    assert cams.shape == (2, 7, 7) and cams.dtype == torch.float32
+    assert [float(c.max()) for c in cams] == [1.0, 1.0]  # non-trivial maps, normalised
+
+    lib_targets = [ClassifierOutputTarget(t) for t in targets]
+    with _GradCAMNoResize(model=model, target_layers=[model.layer4[-1]]) as cam:
+        lib7 = cam(input_tensor=x, targets=lib_targets)
+    np.testing.assert_allclose(cams.numpy(), lib7, atol=1e-4)
+
+    with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:  # upsampled to 224
+        lib224 = cam(input_tensor=x, targets=lib_targets)
+    ours = G.explain(model, x, "gradcam", target=targets)
+    assert ours.shape == (2, 224, 224) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, lib224, atol=1e-4)
+
+
+def test_fast_cam_default_target_is_argmax_and_runs_under_bf16_autocast():
+    model = _random_model("resnet18")
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        logits, cams = G.forward_with_cam(model, x)
+        _, cams_top = G.forward_with_cam(model, x, logits.argmax(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits16, cams16 = G.forward_with_cam(model, x)
+    assert torch.equal(cams, cams_top)
+    assert logits16.dtype == torch.bfloat16 and cams16.dtype == torch.float32
+    assert float(cams16.min()) >= 0.0 and float(cams16.max()) <= 1.0
+    assert float((cams16 - cams).abs().max()) < 0.1  # bf16 rounding only
+
+
+def test_all_zero_cam_stays_zero():
+    model = _random_model("resnet18")
+    with torch.no_grad():
+        G.classifier_layer(model).weight.fill_(-1.0)  # every channel pushes the logit down
+    with torch.inference_mode():
+        _, cams = G.forward_with_cam(model, torch.randn(1, 3, 64, 64), 0)
+    assert float(cams.abs().max()) == 0.0
+    assert float(np.abs(G.upsample(cams, (64, 64))).max()) == 0.0
+
+
+def test_invalid_method_layer_and_target_list_the_choices():
+    model = _random_model("resnet18")
+    x = torch.zeros(1, 3, 64, 64)
+    with pytest.raises(ConfigError, match="gradcam\\+\\+"):
+        G.explain(model, x, method="lime")
+    with pytest.raises(ConfigError, match="layer4.1"):
+        G.explain(model, x, target_layer="layer5")
+    with pytest.raises(ConfigError, match="0..3"):
+        G.explain(model, x, target=7)
+    assert G.resolve_layer(model, "layer4") is model.layer4[-1]
+    assert G.resolve_layer(model, "layer3") is model.layer3[-1]
+    assert G.resolve_layer(model, "layer4.0") is model.layer4[0]
+
+
+def test_library_methods_run_under_inference_mode_and_autocast():
+    """The library path needs autograd in fp32; it must still work when the caller is
+    inside ``torch.inference_mode`` and bf16 autocast (as the Predictor is)."""
+    model = _random_model("resnet18")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        x_inf = x.clone()
+        maps = {m: G.explain(model, x_inf, m, target=1) for m in G.METHODS if m != "gradcam"}
+        maps["gradcam@layer3"] = G.explain(model, x_inf, "gradcam", 1, target_layer="layer3")
+    for name, h in maps.items():
+        assert h.shape == (2, 64, 64) and h.dtype == np.float32, name
+        assert np.isfinite(h).all() and h.min() >= 0.0 and h.max() <= 1.0, name
+    assert all(p.grad is None for p in model.parameters())  # the shared model got no grads
+
+
+# ---------------------------------------------------------------- 4. hooks and threads
+
+
+def _assert_no_hooks(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, m
+        assert not m._backward_hooks and not getattr(m, "_backward_pre_hooks", {}), m
+
+
+def test_library_explain_leaves_no_hooks_on_the_model():
+    model = _random_model("resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    for method in ("gradcam++", "eigencam"):
+        G.explain(model, x, method)
+        G.explain(model, x, "gradcam", target_layer="layer3")
+    _assert_no_hooks(model)
+    assert not model.training
+
+
+def test_concurrent_explains_equal_serial_ones():
+    """8 threads on one shared model, mixing the hook-free fast path, a library method and
+    plain forward passes, give exactly the serial results."""
+    model = _random_model("resnet18")
+    gen = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(2, 3, 64, 64, generator=gen) for _ in range(8)]
+    jobs = [("gradcam" if i % 2 == 0 else "gradcam++", inputs[i]) for i in range(8)]
+    serial = [G.explain(model, x, m) for m, x in jobs]
+    with torch.inference_mode():
+        serial_logits = [model(x) for x in inputs]
+
+    results: list[np.ndarray | None] = [None] * 8
+    logits: list[torch.Tensor | None] = [None] * 8
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            m, x = jobs[i]
+            for _ in range(2):
+                results[i] = G.explain(model, x, m)
+                with torch.inference_mode():
+                    logits[i] = model(inputs[(i + 1) % 8])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(8):
+        assert np.array_equal(results[i], serial[i]), f"thread {i} ({jobs[i][0]}) differs"
+        assert torch.equal(logits[i], serial_logits[(i + 1) % 8])
+    _assert_no_hooks(model)
+
+
+# ---------------------------------------------------------------- 5. mapping back, overlays
+
+
+@pytest.mark.parametrize("mode", ["letterbox", "stretch"])
+def test_to_original_undoes_the_resize(mode):
+    h, w, size = 300, 180, 64  # portrait: letterbox pads left and right
+    orig = np.zeros((h, w), np.float32)
+    orig[200:260, 120:170] = 1.0  # a hot patch, lower right
+    heat = resize(orig, size, mode)
+    if mode == "letterbox":
+        top, left, nh, nw = letterbox_box((h, w), size)
+        assert left > 0 and heat[:, :left].max() == 0  # the padding is cold
+    back = G.to_original(heat, (h, w), size, mode)
+    assert back.shape == (h, w) and back.dtype == np.float32
+    y, x = np.unravel_index(np.argmax(back), back.shape)
+    assert 200 <= y < 260 and 120 <= x < 170
+    assert back[orig > 0].mean() > 0.8 and back[:150].max() < 0.05
+    assert np.corrcoef(back.ravel(), orig.ravel())[0, 1] > 0.9
+
+
+def test_to_original_rejects_bad_input():
+    with pytest.raises(ConfigError, match="letterbox"):
+        G.to_original(np.zeros((64, 64)), (10, 10), 64, "crop")
+    with pytest.raises(ValueError, match="model input"):
+        G.to_original(np.zeros((32, 32)), (10, 10), 64, "letterbox")
+
+
+def test_overlay_shapes_and_dtypes():
+    rng = np.random.default_rng(0)
+    heat = rng.random((40, 30)).astype(np.float32)
+    gray_f = rng.random((40, 30)).astype(np.float32)
+    gray_u8 = (gray_f * 255).astype(np.uint8)
+    rgb = np.stack([gray_u8] * 3, axis=2)
+    for img in (gray_f, gray_u8, rgb):
+        out = G.overlay(img, heat, alpha=0.5)
+        assert out.shape == (40, 30, 3) and out.dtype == np.uint8
+    assert np.array_equal(G.overlay(rgb, heat, alpha=0.0), rgb)
+    hot = G.overlay(np.zeros((4, 4), np.uint8), np.ones((4, 4)), alpha=1.0, colormap="jet")
+    assert hot[0, 0, 0] > 100 and hot[0, 0, 2] < 50  # jet's top is red, and RGB order is kept
+    outs = G.overlays([gray_u8, rgb], [heat, heat], colormap="inferno")
+    assert len(outs) == 2 and all(o.shape == (40, 30, 3) for o in outs)
+    with pytest.raises(ConfigError, match="jet"):
+        G.overlay(gray_u8, heat, colormap="rainbow-unicorn")
+    with pytest.raises(ValueError, match="to_original"):
+        G.overlay(gray_u8, heat[:20])
+
+
+def test_explain_batch_matches_explain():
+    model = _random_model("resnet18")
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    whole = G.explain(model, x, "gradcam", target=2)
+    assert np.array_equal(G.explain_batch(model, list(x), targets=2, batch_size=2), whole)
+
+
+def test_cam_change():
+    a = np.arange(100, dtype=np.float32).reshape(10, 10)
+    assert G.cam_change(a, a) == pytest.approx(0.0)
+    assert G.cam_change(a, a[::-1, ::-1]) == pytest.approx(2.0)
+    assert G.cam_change(np.zeros((3, 3)), np.zeros((3, 3))) == 0.0
+    assert G.cam_change(np.zeros((3, 3)), a[:3, :3]) == 1.0
+
+
+def test_randomize_weights_cascades_and_leaves_the_original_alone():
+    model = _random_model("resnet18")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rnd = G.randomize_weights(model, seed=1, down_to="layer4")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    new = rnd.state_dict()
+    changed = {k.split(".")[0] for k in before
+               if before[k].is_floating_point() and not torch.equal(before[k], new[k])}
+    assert changed == {"fc", "layer4"}
+    again = G.randomize_weights(model, seed=1, down_to="layer4").state_dict()
+    assert all(torch.equal(new[k], again[k]) for k in new)  # seeded
+    with pytest.raises(ConfigError, match="stem"):
+        G.randomize_weights(model, down_to="head")
+
+
+# ---------------------------------------------------------------- phantoms
+
+
+def test_phantoms_are_seeded_and_have_the_promised_lesions():
+    size = 224
+    for cls in synthetic.CLASSES:
+        img, mask = synthetic.make_phantom(cls, np.random.default_rng(7), size)
+        img2, mask2 = synthetic.make_phantom(cls, np.random.default_rng(7), size)
+        assert img.dtype == np.uint8 and img.shape == (size, size) and mask.dtype == bool
+        assert np.array_equal(img, img2) and np.array_equal(mask, mask2)
+        if cls == "Normal":
+            assert not mask.any()
+            continue
+        ys, xs = np.nonzero(mask)
+        assert max(np.ptp(ys), np.ptp(xs)) + 1 >= size / 7, cls
+        # the finding is denser (brighter) than the same phantom's lung elsewhere
+        assert img[mask].mean() > img[~mask].mean() - 5
+    with pytest.raises(ConfigError, match="Lung_Opacity"):
+        synthetic.make_phantom("Pneumothorax", np.random.default_rng(0))
+
+
+def test_write_dataset_layout_is_discovered_without_the_masks(tmp_path):
+    from core.data import discover
+
+    root = synthetic.write_dataset(tmp_path / "ph", 2, size=64, seed=1)
+    ds = discover(root)
+    assert ds.layout == "plain" and ds.classes == sorted(synthetic.CLASSES)
+    assert len(ds.items) == 2 * len(synthetic.CLASSES)
+    for rel, cls in ds.items:
+        mask = synthetic.load_mask(root, rel)
+        assert mask.shape == (64, 64) and (mask.any() == (cls != "Normal"))
+    assert synthetic.main(["--output", str(tmp_path / "cli"), "--n-per-class", "1",
+                           "--size", "48", "--classes", "Normal", "COVID"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["COVID", "Normal", "_masks"]
