@@ -175,10 +175,235 @@ def bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- infer
+
+
+_INFER_RSS_SCRIPT = r"""
+import gc, json, sys
+def rss_mb():
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+import torch, torchvision  # noqa: E401,F401
+gc.collect()
+before = rss_mb()
+from core.inference import Predictor
+p = Predictor.from_checkpoint(sys.argv[1], device="cpu", backend=sys.argv[3])
+p.explain(open(sys.argv[2], "rb").read())
+gc.collect()
+print(json.dumps({"before": before, "after": rss_mb()}))
+"""
+
+
+def add_infer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None,
+                   help="a run's best.pt (default: build a random-init ResNet50 at --img-size)")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="input size of the built checkpoint (default %(default)s)")
+    p.add_argument("--data-dir", default=None,
+                   help="real X-rays for the sample image and the agreement check (default: "
+                        "../shared/data/cxr-real beside the repository, if present)")
+    p.add_argument("--backends", default="eager,fused,jit",
+                   help="predictor backends to compare (default %(default)s; 'auto' is one of them)")
+    p.add_argument("--repeats", type=int, default=20,
+                   help="timed single-image calls per contender, interleaved (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="throughput batch (default %(default)s)")
+    p.add_argument("--batches", type=int, default=5,
+                   help="timed batches per contender, interleaved (default %(default)s)")
+    p.add_argument("--agreement-limit", type=int, default=300,
+                   help="at most this many real images for the agreement check (0 = all)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the fresh-process memory measurement")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads for everything measured (default 0: torch's "
+                        "default, capped at the CPUs available)")
+
+
+def _interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per contender, timed round-robin so that load changes hit all alike."""
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(max(1, repeats)):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def bench_infer(args: argparse.Namespace) -> int:
+    """Inference speed, agreement and memory of core.inference.Predictor against a plain fp32
+    eager torchvision ResNet50, all measured in this run (medians of interleaved calls).
+
+    Figures: single-image predict p50 (PNG bytes -> probabilities), predict + Grad-CAM +
+    overlay p50, batch throughput, top-1 agreement with the fp32 network on real X-rays,
+    and the resident memory a loaded predictor with one explained image adds to a fresh
+    process that has imported torch and torchvision.
+    """
+    import io
+    import json
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    import torchvision
+    from PIL import Image
+
+    from core.config import PreprocessConfig, to_dict
+    from core.data import IMAGE_EXTS, load_manifest
+    from core.inference import Predictor
+    from core.model import (
+        CHECKPOINT_FORMAT,
+        CHECKPOINT_VERSION,
+        build_model,
+        load_checkpoint,
+        model_from_checkpoint,
+        save_checkpoint,
+    )
+    from core.train import cpu_has_native_bf16
+
+    def infer_images(data_dir, checkpoint, limit):
+        """Real images for the agreement check: the run's manifest test split, else all images."""
+        manifest = checkpoint.parent / "manifest.csv"
+        if manifest.is_file():
+            rows = load_manifest(manifest, data_dir).split("test")
+            paths = [data_dir / r["path"] for r in rows if (data_dir / r["path"]).is_file()]
+            what = "test split of the run's manifest"
+        else:
+            paths, what = [], "images"
+        if not paths:
+            paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+            what = "images (no run manifest: all)"
+        if limit and len(paths) > limit:
+            step = len(paths) / limit
+            paths = [paths[int(k * step)] for k in range(limit)]
+            what += f", every {step:.1f}th"
+        return paths, what
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    root = Path(__file__).resolve().parent.parent
+    data_dir = Path(args.data_dir) if args.data_dir else root.parent / "shared" / "data" / "cxr-real"
+    tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-infer-"))
+    if args.checkpoint:
+        ckpt_path, origin = Path(args.checkpoint), args.checkpoint
+    else:
+        torch.manual_seed(0)
+        model = build_model(3, weights="none", arch="resnet50")
+        ckpt_path, origin = tmp / "best.pt", f"random-init resnet50 built at {args.img_size} px"
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                         "arch": "resnet50", "classes": ["COVID", "Normal", "Viral Pneumonia"],
+                         "preprocess": to_dict(PreprocessConfig(img_size=args.img_size)),
+                         "state_dict": model.state_dict()}, ckpt_path)
+        del model
+    ckpt = load_checkpoint(ckpt_path)
+    size = int(ckpt["preprocess"]["img_size"])
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    real = sorted(p for p in data_dir.rglob("*.png")) if data_dir.is_dir() else []
+    if real:
+        png = real[0].read_bytes()
+    else:
+        rng = np.random.default_rng(0)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)).save(buf, "PNG")
+        png = buf.getvalue()
+    (tmp / "sample.png").write_bytes(png)
+    print(f"infer: checkpoint {origin} ({ckpt['arch']}, {size} px); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16: {cpu_has_native_bf16()}; sample: "
+          f"{'a real X-ray' if real else 'noise'} PNG of {len(png) / 1024:.0f} KB")
+
+    baseline = torchvision.models.resnet50().eval()
+    x1 = torch.randn(1, 3, size, size)
+    xb = torch.randn(args.batch_size, 3, size, size)
+
+    def base_forward(x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            baseline(x)
+
+    predictors: dict[str, Predictor] = {}
+    for b in backends:
+        t0 = time.perf_counter()
+        predictors[b] = Predictor(ckpt, device="cpu", backend=b, batch_size=args.batch_size)
+        print(f"infer: backend {b} (-> {predictors[b].backend}): load and warm-up "
+              f"{time.perf_counter() - t0:.1f} s")
+    base_forward(x1)
+    base_forward(xb)
+
+    single: dict[str, Callable[[], object]] = {"baseline": lambda: base_forward(x1)}
+    for b, p in predictors.items():
+        single[f"predict/{b}"] = lambda p=p: p.predict(png)
+        single[f"explain/{b}"] = lambda p=p: p.explain(png)
+    med = _interleaved(single, args.repeats)
+    base_ms = med["baseline"] * 1000
+    print(f"infer: baseline fp32 eager torchvision resnet50 forward, 1 image at {size} px: "
+          f"p50 {base_ms:.1f} ms")
+    for b in predictors:
+        pm, em = med[f"predict/{b}"] * 1000, med[f"explain/{b}"] * 1000
+        print(f"infer: [{b}] predict p50 {pm:.1f} ms (decode PNG -> probabilities; "
+              f"{pm / base_ms:.2f}x the baseline forward; target <= 50 ms) | predict + Grad-CAM "
+              f"+ overlay p50 {em:.1f} ms (target <= 100 ms)")
+
+    pngs = [png] * args.batch_size
+    batch: dict[str, Callable[[], object]] = {"baseline": lambda: base_forward(xb)}
+    for b, p in predictors.items():
+        batch[b] = lambda p=p: p.predict_batch(pngs)
+    bmed = _interleaved(batch, args.batches)
+    base_tp = args.batch_size / bmed["baseline"]
+    print(f"infer: baseline forward throughput, batch {args.batch_size}: {base_tp:.1f} img/s")
+    for b in predictors:
+        tp = args.batch_size / bmed[b]
+        print(f"infer: [{b}] predict_batch throughput (PNG bytes -> predictions), batch "
+              f"{args.batch_size}: {tp:.1f} img/s = {tp / base_tp:.2f}x the baseline (target >= 1.8x)")
+
+    if real:
+        paths, what = infer_images(data_dir, ckpt_path, args.agreement_limit)
+        reference = model_from_checkpoint(ckpt).eval()
+        any_p = next(iter(predictors.values()))
+        agree = dict.fromkeys(predictors, 0)
+        max_dp = dict.fromkeys(predictors, 0.0)
+        for start in range(0, len(paths), args.batch_size):
+            x = torch.stack([any_p.prepare(p).x for p in paths[start : start + args.batch_size]])
+            with torch.inference_mode():
+                ref = reference(x).float()
+            for b, p in predictors.items():
+                out = p.logits(x)
+                agree[b] += int((out.argmax(1) == ref.argmax(1)).sum())
+                dp = (torch.softmax(out, 1) - torch.softmax(ref, 1)).abs().max()
+                max_dp[b] = max(max_dp[b], float(dp))
+        for b in predictors:
+            print(f"infer: [{b}] top-1 agreement with fp32 eager on {len(paths)} real {what}: "
+                  f"{100 * agree[b] / len(paths):.2f}% (max |delta p| {max_dp[b]:.2e}; target >= 99%)")
+    else:
+        print(f"infer: agreement check skipped: no real X-rays at {data_dir}")
+
+    if args.memory:
+        env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        for b in backends:
+            res = subprocess.run(
+                [sys.executable, "-c", _INFER_RSS_SCRIPT, str(ckpt_path), str(tmp / "sample.png"), b],
+                capture_output=True, text=True, cwd=root, env=env, check=False)
+            if res.returncode != 0:
+                print(f"infer: [{b}] memory measurement failed: {res.stderr.strip()[-300:]}")
+                continue
+            m = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"infer: [{b}] resident memory added by Predictor load + one explain in a fresh "
+                  f"process: {m['after'] - m['before']:.0f} MB (after import torch, torchvision: "
+                  f"{m['before']:.0f} MB; target <= 300 MB)")
+    return 0
+
+
 # ---------------------------------------------------------------- registry and CLI
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
+    "infer": Subcommand("inference latency, throughput, agreement and memory vs fp32 eager", add_infer_args, bench_infer),
     "metrics": Subcommand("time the metrics report with a 1,000-resample bootstrap",
                           add_metrics_args, bench_metrics),
     "train": Subcommand("training images/s: plain fp32 loop vs the default path; head-mode cache",
