@@ -618,9 +618,11 @@ def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if cfg.train.evaluate and trainer.is_main:
-        from core import evaluate
+        from core import evaluate, ood
 
         evaluate.finalize_run(best.parent, cfg.data.data_dir, device=str(trainer.device),
+                              progress=progress)
+        ood.calibrate_run_ood(best.parent, cfg.data.data_dir, device=str(trainer.device),
                               progress=progress)
     return best
 
