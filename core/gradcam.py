@@ -372,6 +372,25 @@ def overlays(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray] | np.n
 # ---------------------------------------------------------------- sanity checks
 
 
+def peak(heatmap: np.ndarray) -> tuple[int, int]:
+    """(row, column) of a heatmap's maximum (the first one in raster order on ties)."""
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return int(y), int(x)
+
+
+def pointing_game(heatmaps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
+    """Fraction of heatmaps whose peak falls inside the matching boolean lesion mask
+    (Zhang et al. 2016, without their 15-pixel tolerance); each pair must share a shape."""
+    if len(heatmaps) != len(masks) or not len(masks):
+        raise ValueError(f"need as many masks as heatmaps (got {len(heatmaps)}, {len(masks)})")
+    hits = []
+    for hm, m in zip(heatmaps, masks, strict=True):
+        if hm.shape != m.shape:
+            raise ValueError(f"heatmap {hm.shape} and mask {m.shape} differ; use to_original")
+        hits.append(bool(m[peak(hm)]))
+    return float(np.mean(hits))
+
+
 def cam_change(a: np.ndarray, b: np.ndarray) -> float:
     """How much two heatmaps differ: 1 - Spearman rank correlation (0 = same ranking,
     1 = unrelated, 2 = reversed). Two constant maps: 0 if equal, else 1."""

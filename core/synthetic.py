@@ -3,8 +3,9 @@
 Each phantom is a frontal (PA) chest radiograph drawn from simple shapes: a dark
 background, the soft-tissue outline of the body, two dark lung fields (the one on the
 image's right, the patient's left, is smaller because the heart shadow overlaps it), a
-brighter mediastinum and spine, clavicles, faint rib arcs, blur and film noise. Position,
-size, exposure and noise vary a little per image.
+brighter mediastinum and spine, clavicles, faint rib arcs, blur and film noise. Position
+(up to ``SHIFT``), size (``SCALE``), lung and heart sizes, exposure and noise vary per image,
+enough that the default near-duplicate guard of ``core.data`` keeps phantoms apart.
 
 A finding is drawn as a *density field* in [0, 1] inside the lungs and added to the image;
 its lesion mask is where that field (smoothed) exceeds a quarter of its peak, so a
@@ -12,9 +13,10 @@ heatmap can be scored against where the finding really is (pointing game). Findi
 least a seventh of the image side across, so the 7x7 map of a ResNet's ``layer4`` at
 224 px can resolve them.
 
-* ``COVID``: bilateral, peripheral, lower-zone ground-glass opacity (hazy, soft-edged).
-* ``Lung_Opacity``: one focal consolidation (a denser, irregular blob) in a random lung and
-  zone.
+* ``COVID``: bilateral, peripheral, lower-zone ground-glass opacity (hazy, soft-edged)
+  with a crazy-paving network of thickened septa; one side usually denser than the other.
+* ``Lung_Opacity``: one focal consolidation (a dense, irregular blob with air
+  bronchograms) in a random lung and zone.
 * ``Viral Pneumonia``: a diffuse perihilar interstitial pattern (streaky, reticular density
   radiating from both hila).
 * ``Normal``: none (empty mask).
