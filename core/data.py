@@ -345,7 +345,13 @@ def build_manifest(cfg: DataConfig, progress: bool = True) -> Manifest:
 
 
 class CXRDataset(torch.utils.data.Dataset):
-    """Rows of a manifest split -> (normalised tensor, class index)."""
+    """Rows of a manifest split -> (normalised tensor, class index).
+
+    With ``lung_masks`` (evaluation of lung focus) each item also carries the image's lung
+    mask on the model input's pixel grid (bool S x S, after the same lung view and resize as
+    the image) and whether it came from the dataset (True) or the segmenter (False); see
+    :func:`core.lungs.reference_lung_mask`.
+    """
 
     def __init__(
         self,
@@ -353,8 +359,10 @@ class CXRDataset(torch.utils.data.Dataset):
         rows: Iterable[dict[str, str]],
         classes: Sequence[str],
         transform: Transform,
+        lung_masks: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.lung_masks = lung_masks
         self.rows = list(rows)
         self.classes = list(classes)
         self.index = {c: i for i, c in enumerate(self.classes)}
@@ -371,7 +379,19 @@ class CXRDataset(torch.utils.data.Dataset):
         except InvalidImageError as exc:  # the file changed after the manifest was written
             warnings.warn(f"{exc}; using a blank image in its place", stacklevel=2)
             gray = np.zeros((self.transform.cfg.img_size,) * 2, np.float32)
-        return self.transform(gray), self.targets[i]
+        if not self.lung_masks:
+            return self.transform(gray), self.targets[i]
+        from core import lungs
+        from core.preprocess import mask_to_input
+
+        x, view = self.transform.with_view(gray)
+        mask, source = lungs.reference_lung_mask(gray, self.root / row["path"])
+        box = None if view is None else view.box
+        cfg = self.transform.cfg
+        # 0 = letterbox padding, 1 = image content, 2 = lung
+        grid = mask_to_input(np.ones_like(mask), cfg, box).astype(np.uint8)
+        grid[mask_to_input(mask, cfg, box)] = 2
+        return x, self.targets[i], torch.from_numpy(grid), source == "dataset"
 
 
 def seed_worker(worker_id: int) -> None:

@@ -83,6 +83,10 @@ class Predictions:
     logits: np.ndarray  # (n, K) float64
     classes: list[str]
     probe_logits: dict[str, np.ndarray] = field(default_factory=dict)  # occlusion probes
+    # per image: Grad-CAM lung-focus ratio (nan: no lung mask) and whether its mask came
+    # from the dataset (else from the segmenter); None when not measured
+    lung_focus: np.ndarray | None = None
+    mask_from_dataset: np.ndarray | None = None
 
     def proba(self, temperature: float = 1.0, probe: str | None = None) -> np.ndarray:
         logits = self.logits if probe is None else self.probe_logits[probe]
@@ -127,6 +131,13 @@ def occlude(x: torch.Tensor, keep: str, frac: float = OCCLUSION_BOX) -> torch.Te
     raise ValueError(f"keep must be one of {PROBES}, got {keep!r}")
 
 
+def evaluation_dataset(root: str | Path, rows: Sequence[dict[str, str]], classes: Sequence[str],
+                       pcfg: PreprocessConfig, lung_masks: bool = False) -> CXRDataset:
+    """The images of ``rows`` as evaluation sees them (the checkpoint's contract, no
+    augmentation); see :class:`core.data.CXRDataset` for ``lung_masks``."""
+    return CXRDataset(root, rows, classes, build_transform(pcfg), lung_masks=lung_masks)
+
+
 def predict_rows(
     model: nn.Module,
     root: str | Path,
@@ -138,33 +149,51 @@ def predict_rows(
     batch_size: int = 32,
     workers: int = 0,
     occlusion: bool = False,
+    lung_focus: bool = False,
     progress: bool = True,
     desc: str = "predict",
 ) -> Predictions:
     """Batched inference (eval mode, ``torch.inference_mode``, fp32) over manifest-style rows.
 
     ``rows``: dicts with ``path`` (relative to ``root``) and ``class``. With ``occlusion``
-    the periphery-only and centre-only probes run on the same preprocessed batches.
+    the periphery-only and centre-only probes run on the same preprocessed batches. With
+    ``lung_focus`` the same forward pass also gives each image's Grad-CAM (layer4, predicted
+    class; ``core.gradcam.forward_with_cam``), scored against its lung mask on the model
+    input's grid (``core.lungs.lung_focus_ratio``).
     """
     if not rows:
         raise DatasetError(f"No images to evaluate ({desc}).")
     dev = resolve_device(str(device))
-    ds = CXRDataset(root, rows, classes, build_transform(pcfg))
+    ds = evaluation_dataset(root, rows, classes, pcfg, lung_masks=lung_focus)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=dev.type == "cuda")
     model = model.to(dev).eval()
     outs: dict[str, list[torch.Tensor]] = {"full": [], **{p: [] for p in PROBES}}
+    focus: list[float] = []
+    from_dataset: list[bool] = []
     with torch.inference_mode():
-        for x, _ in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
-            x = x.to(dev, non_blocking=True).float()
-            outs["full"].append(model(x).float().cpu())
+        for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
+            x = batch[0].to(dev, non_blocking=True).float()
+            if lung_focus:
+                from core import gradcam, lungs
+
+                logits, cams = gradcam.forward_with_cam(model, x)
+                heat = gradcam.upsample(cams, tuple(x.shape[-2:]))
+                focus.extend(lungs.lung_focus_ratio(h, g == 2, region=g > 0) if (g == 2).any()
+                             else float("nan") for h, g in zip(heat, batch[2].numpy(), strict=True))
+                from_dataset.extend(bool(v) for v in batch[3])
+            else:
+                logits = model(x)
+            outs["full"].append(logits.float().cpu())
             if occlusion:
                 for probe in PROBES:
                     outs[probe].append(model(occlude(x, probe)).float().cpu())
     logits = torch.cat(outs["full"]).numpy().astype(np.float64)
     probes = {p: torch.cat(outs[p]).numpy().astype(np.float64) for p in PROBES if outs[p]}
     return Predictions(paths=[r["path"] for r in rows], y_true=np.asarray(ds.targets),
-                       logits=logits, classes=list(classes), probe_logits=probes)
+                       logits=logits, classes=list(classes), probe_logits=probes,
+                       lung_focus=np.asarray(focus, np.float64) if lung_focus else None,
+                       mask_from_dataset=np.asarray(from_dataset, bool) if lung_focus else None)
 
 
 def load_split_rows(run_dir: Path, data_dir: str | Path, split: str,
@@ -446,6 +475,43 @@ def shortcut_verdict(conditions: dict[str, dict[str, Any]], chance: float) -> tu
         f"shortcuts inside the lung field; check external validation too.{centre_txt}")
 
 
+# ---------------------------------------------------------------- lung focus
+
+
+LUNG_FOCUS_DEFINITION = (
+    "share of the Grad-CAM energy (layer4, predicted class, on the model input) inside the "
+    "lung mask, divided by the lungs' share of the input: 1 = no preference, higher = on the "
+    "lungs, 0 = entirely outside"
+)
+
+
+def _focus_stats(values: np.ndarray) -> dict[str, Any]:
+    if not len(values):
+        return {"n": 0, "mean": None, "median": None, "share_above_1": None}
+    return {"n": int(len(values)), "mean": round(float(values.mean()), 6),
+            "median": round(float(np.median(values)), 6),
+            "share_above_1": round(float((values > 1.0).mean()), 6)}
+
+
+def lung_focus_block(preds: Predictions, lung_view: str) -> dict[str, Any] | None:
+    """Mean lung focus overall and per true class (images without a lung mask are left out
+    and counted); None when it was not measured."""
+    if preds.lung_focus is None or preds.mask_from_dataset is None:
+        return None
+    f = preds.lung_focus
+    ok = np.isfinite(f)
+    return {
+        "definition": LUNG_FOCUS_DEFINITION,
+        "lung_view": lung_view,
+        "mask_source": {"dataset": int((preds.mask_from_dataset & ok).sum()),
+                        "segmenter": int((~preds.mask_from_dataset & ok).sum())},
+        "n_unscored": int((~ok).sum()),
+        "overall": _focus_stats(f[ok]),
+        "per_class": {c: _focus_stats(f[ok & (preds.y_true == k)])
+                      for k, c in enumerate(preds.classes)},
+    }
+
+
 # ---------------------------------------------------------------- sources (metadata.xlsx)
 
 
@@ -675,6 +741,11 @@ def findings(doc: dict[str, Any]) -> list[str]:
         if ext.get("overlap_with_manifest"):
             out.append(f"{ext['overlap_with_manifest']} external images are byte-identical to "
                        "images of this run's dataset: the external set is not independent.")
+    lf = (doc.get("lung_focus") or {}).get("overall") or {}
+    if lf.get("mean") is not None and lf["mean"] < 1.0:
+        out.append(f"Grad-CAM puts less of its energy on the lungs than a uniform map would "
+                   f"(mean lung-focus ratio {lf['mean']:.2f} < 1 over {lf['n']} images): the "
+                   "model looks mostly outside the lungs.")
     src = doc.get("sources") or {}
     if src.get("confounded"):
         out.append("Every image source contributes to a single class: source and class are "
@@ -730,6 +801,7 @@ def build_document(
             "manifest_sha256": ckpt.get("manifest_sha256"),
             "data_dir": str(data_dir),
             "split": split,
+            "lung_view": preprocess_config_of(ckpt).lung_view,
             "classes": list(preds.classes),
             "versions": library_versions(),
             "warnings": list(notes),
@@ -799,6 +871,7 @@ def evaluate(
     screening_class: str = DEFAULT_SCREENING_CLASS,
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     occlusion: bool = True,
+    lung_focus: bool = True,
     device: str = "cpu",
     batch_size: int | None = None,
     workers: int | None = None,
@@ -833,12 +906,13 @@ def evaluate(
     pcfg = preprocess_config_of(ckpt)
     preds = predict_rows(model, data_dir, rows, ckpt["classes"], pcfg, device=device,
                          batch_size=batch_size, workers=workers, occlusion=occlusion,
-                         progress=progress, desc=split)
+                         lung_focus=lung_focus, progress=progress, desc=split)
     log.info("Scoring %d %s predictions (%d bootstrap resamples)", len(rows), split, n_resamples)
     doc = build_document(ckpt, checkpoint, preds, data_dir=data_dir, split=split,
                          n_resamples=n_resamples, seed=seed, prevalence=prev,
                          calibration_source=calibration_source, notes=notes)
     doc["sources"] = source_report(data_dir, ckpt["classes"], preds)
+    doc["lung_focus"] = lung_focus_block(preds, pcfg.lung_view)
     temperature, op = stored_calibration(ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     ext_preds = None
@@ -927,6 +1001,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Class=p,Class=p")
     g.add_argument("--no-occlusion", dest="occlusion", action="store_false",
                    help="skip the occlusion shortcut probe (it triples inference time)")
+    g.add_argument("--no-lung-focus", dest="lung_focus", action="store_false",
+                   help="skip the Grad-CAM lung-focus score (it segments every image unless "
+                        "the dataset has <Class>/masks/)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calibrate", action="store_true",
                    help="refit temperature and operating point on the validation split and "
@@ -959,7 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
             n_resamples=args.bootstrap, seed=args.seed, prevalence=args.prevalence,
             calibrate=args.calibrate, screening_class=args.screening_class,
             target_sensitivity=args.target_sensitivity, occlusion=args.occlusion,
-            device=args.device, batch_size=args.batch_size, workers=args.workers,
+            lung_focus=args.lung_focus, device=args.device, batch_size=args.batch_size, workers=args.workers,
             progress=args.progress,
         )
     except CXRError as exc:

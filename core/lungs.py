@@ -446,51 +446,81 @@ def apply_lung_view(
     return LungView(image, out_mask, (top, left, bottom, right), False, reason)
 
 
+def dataset_mask_path(image_path: str | Path) -> Path | None:
+    """The database layout's lung mask of an image (``<Class>/images/x.png`` ->
+    ``<Class>/masks/x.png``), or None when there is none."""
+    p = Path(image_path)
+    if p.parent.name != "images":
+        return None
+    cand = p.parent.parent / "masks" / p.name
+    return cand if cand.is_file() else None
+
+
+def reference_lung_mask(gray: np.ndarray, image_path: str | Path | None = None,
+                        segmenter: LungSegmenter | None = None) -> tuple[np.ndarray, str]:
+    """The lung mask (bool, ``gray``'s resolution) to score a heatmap against, and its source:
+    the dataset's own mask when it has one (``"dataset"``), else the shipped segmenter's
+    (``"segmenter"``)."""
+    g = _as_gray(gray)
+    path = dataset_mask_path(image_path) if image_path is not None else None
+    if path is not None:
+        try:
+            return _resize_mask(load_mask(path), g.shape), "dataset"
+        except (OSError, ValueError) as exc:
+            log.warning("Unreadable lung mask %s (%s); segmenting instead", path, exc)
+    seg = segmenter if segmenter is not None else default_segmenter()
+    return seg.segment(g), "segmenter"
+
+
 # --------------------------------------------------------------------------------------------
 # Heatmap focus and contours
 # --------------------------------------------------------------------------------------------
 
 
-def _energy_inputs(heatmap: np.ndarray, lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _energy_inputs(heatmap: np.ndarray, lung_mask: np.ndarray,
+                   region: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     hm = np.asarray(heatmap, dtype=np.float64)
     if hm.ndim != 2:
         raise ValueError(f"A heatmap must be 2-D, got shape {hm.shape}.")
     if not np.isfinite(hm).all():
         raise ValueError("The heatmap contains NaN or infinite values.")
-    return np.clip(hm, 0.0, None), _resize_mask(lung_mask, hm.shape)
+    hm = np.clip(hm, 0.0, None)
+    m = _resize_mask(lung_mask, hm.shape)
+    if region is not None:  # only the pixels the model saw (e.g. not the letterbox padding)
+        r = _resize_mask(region, hm.shape)
+        return hm[r], m[r]
+    return hm, m
 
 
-def lung_energy_share(heatmap: np.ndarray, lung_mask: np.ndarray) -> float:
+def lung_energy_share(heatmap: np.ndarray, lung_mask: np.ndarray,
+                      region: np.ndarray | None = None) -> float:
     """Share of the heatmap's energy (sum of its non-negative values) inside the lung mask.
 
     In [0, 1]: 1 when all energy lies on the lungs (e.g. a heatmap equal to the mask), 0 when
     none does. The mask is resized (nearest) to the heatmap's shape if they differ; negative
-    heatmap values count as 0. Returns nan for an all-zero heatmap or an empty mask.
+    heatmap values count as 0. ``region`` (bool, optional) limits both to the pixels the model
+    saw. Returns nan for an all-zero heatmap or an empty mask.
     """
-    hm, m = _energy_inputs(heatmap, lung_mask)
+    hm, m = _energy_inputs(heatmap, lung_mask, region)
     total = float(hm.sum())
     if total <= 0.0 or not m.any():
         return math.nan
     return float(hm[m].sum()) / total
 
 
-def lung_focus_ratio(heatmap: np.ndarray, lung_mask: np.ndarray) -> float:
-    """:func:`lung_energy_share` divided by the lungs' share of the image's area.
+def lung_focus_ratio(heatmap: np.ndarray, lung_mask: np.ndarray,
+                     region: np.ndarray | None = None) -> float:
+    """:func:`lung_energy_share` divided by the lungs' share of the image's (or ``region``'s)
+    area.
 
     1 = no preference (a uniform heatmap scores exactly 1), higher = concentrated on the lungs
     (at most 1 / area share), 0 = entirely outside. nan for an all-zero heatmap or an empty
     mask.
     """
-    share = lung_energy_share(heatmap, lung_mask)
+    share = lung_energy_share(heatmap, lung_mask, region)
     if math.isnan(share):
         return math.nan
-    m = _resize_mask(lung_mask, np.asarray(heatmap).shape)
-    return share / float(m.mean())
-
-
-def lung_focus(heatmap: np.ndarray, lung_mask: np.ndarray) -> float:
-    """The lung-focus score of a heatmap: :func:`lung_focus_ratio` (1 = no preference)."""
-    return lung_focus_ratio(heatmap, lung_mask)
+    return share / float(_energy_inputs(heatmap, lung_mask, region)[1].mean())
 
 
 def draw_lung_contour(

@@ -6,7 +6,7 @@ Example::
         --csv predictions.csv --heatmaps heatmaps/
 
 Writes one CSV row per input file (columns: path, label, decision, ``p_<class>`` for every
-class, confidence, low_confidence, ood, ood_score, [heatmap,] error). A file that cannot be
+class, confidence, low_confidence, ood, ood_score, [heatmap, lung_focus,] error). A file that cannot be
 used (damaged, not an image, too small...) gets a row with the reason in ``error`` and the
 rest of the batch goes on. Exit status: 0 when every file was predicted, 1 when some files
 failed, 2 when nothing could run (bad checkpoint or arguments).
@@ -69,7 +69,7 @@ def csv_fields(classes: Sequence[str], heatmaps: bool) -> list[str]:
     fields = ["path", "label", "decision", *(f"p_{c}" for c in classes), "confidence",
               "low_confidence", "ood", "ood_score"]
     if heatmaps:
-        fields.append("heatmap")
+        fields += ["heatmap", "lung_focus"]
     return [*fields, "error"]
 
 
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a heatmap overlay PNG per image into DIR")
     g.add_argument("--method", default="gradcam", choices=gradcam.METHODS,
                    help="heatmap method (default %(default)s)")
+    g.add_argument("--lung-contour", action="store_true",
+                   help="draw the lung outline on the heatmap overlays")
     g = ap.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _row(path: Path, classes: Sequence[str], pred: object = None, heatmap: str = "",
-         error: str = "") -> dict[str, object]:
+         error: str = "", lung_focus: float | None = None) -> dict[str, object]:
     row: dict[str, object] = {"path": str(path), "error": error}
     if pred is not None:
         row.update({
@@ -121,6 +123,8 @@ def _row(path: Path, classes: Sequence[str], pred: object = None, heatmap: str =
         })
         if heatmap:
             row["heatmap"] = heatmap
+            row["lung_focus"] = "" if lung_focus is None or lung_focus != lung_focus else \
+                f"{lung_focus:.4f}"
     return row
 
 
@@ -158,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
             chunk = files[start : start + args.batch_size]
             paths = [p for p, _ in chunk]
             if heat_dir is not None:
-                results = predictor.explain_batch(paths, args.method, on_error="return")
+                results = predictor.explain_batch(paths, args.method, on_error="return",
+                                                  lung_contour=args.lung_contour)
             else:
                 results = predictor.predict_batch(paths, on_error="return")
             for (path, root), res in zip(chunk, results, strict=True):
@@ -166,13 +171,14 @@ def run(args: argparse.Namespace) -> int:
                     failed += 1
                     writer.writerow(_row(path, classes, error=str(res)))
                     continue
-                heat = ""
+                heat, focus = "", None
                 if isinstance(res, Explanation):
+                    focus = res.lung_focus
                     heat_path = heat_dir / heatmap_name(path, root, args.method, used)  # type: ignore[operator]
                     Image.fromarray(res.overlay).save(heat_path)
                     heat = str(heat_path)
                     res = res.prediction
-                writer.writerow(_row(path, classes, res, heat))
+                writer.writerow(_row(path, classes, res, heat, lung_focus=focus))
             bar.update(len(chunk))
         bar.close()
     tmp.replace(out)

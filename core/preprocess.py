@@ -153,6 +153,18 @@ def letterbox_box(shape: tuple[int, int], size: int) -> tuple[int, int, int, int
     return (size - nh) // 2, (size - nw) // 2, nh, nw
 
 
+def mask_to_input(mask: np.ndarray, cfg: PreprocessConfig,
+                  box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """A full-resolution mask (e.g. the lungs) -> bool ``img_size`` x ``img_size`` on the model
+    input's pixel grid: cropped to the lung view's ``box`` (top, left, bottom, right) when
+    given, then resized exactly as the image (``resize_mode``; padding is False)."""
+    m = np.asarray(mask).astype(np.float32)
+    if box is not None:
+        top, left, bottom, right = box
+        m = m[top:bottom, left:right]
+    return resize(m, cfg.img_size, cfg.resize_mode) >= 0.5
+
+
 def clahe(u8: np.ndarray, clip: float = 2.0, tiles: int = 8) -> np.ndarray:
     # A new CLAHE object per call: OpenCV algorithm objects are not safe to share across threads.
     return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(u8)

@@ -145,6 +145,14 @@ def test_real_checkpoint_report(small_run: SmallRun, tmp_path: Path) -> None:
     assert doc["calibration"]["fitted"] is False and doc["operating_point"] is None
     assert any("not calibrated" in f for f in doc["findings"])
     assert not doc["sources"]["available"]  # cxr-real ships no metadata spreadsheets
+    lf = doc["lung_focus"]  # no masks in cxr-real: the shipped segmenter gives them
+    assert lf["lung_view"] == doc["run"]["lung_view"] == "none"
+    assert lf["mask_source"]["dataset"] == 0
+    assert lf["mask_source"]["segmenter"] + lf["n_unscored"] == doc["n"]
+    assert lf["n_unscored"] <= 0.05 * doc["n"]  # real X-rays: lungs found almost always
+    assert set(lf["per_class"]) == set(doc["run"]["classes"])
+    assert sum(c["n"] for c in lf["per_class"].values()) == lf["overall"]["n"]
+    assert 0 < lf["overall"]["mean"] < 10
     lines = (tmp_path / "report" / "predictions.csv").read_text().splitlines()
     assert lines[0].split(",")[:4] == ["path", "true_class", "predicted_class",
                                        "predicted_class_at_operating_point"]
@@ -217,6 +225,46 @@ def test_cli_with_external_set_and_calibrate(synthetic_run: SmallRun, tmp_path: 
     assert doc["calibration"]["source"] == "refit"
     assert "temperature" in load_checkpoint(run.checkpoint)  # --calibrate stored it
     assert (out / "predictions_external.csv").is_file() and doc["shortcut"] is None
+
+
+def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_path: Path) -> None:
+    """With ``<Class>/masks/`` present the report scores Grad-CAM against them: here every
+    mask is the image's left half, so each image's ratio is its map's left-half energy share
+    over 0.5, recomputed by hand from core.gradcam.explain."""
+    from core import gradcam
+
+    data = tmp_path / "ds"
+    shutil.copytree(synthetic_run.data_dir, data)
+    # 64 px, so that layer4 is 2x2 (at 32 px its 1x1 map carries no location)
+    run = train_small_run(data, tmp_path / "run", 0, steps=10, img_size=64)
+    for img in data.glob("*/images/*.png"):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[:, :32] = 255
+        (img.parent.parent / "masks").mkdir(exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(mask).save(img.parent.parent / "masks" / img.name)
+    path = E.evaluate(run.checkpoint, data, "test", tmp_path / "report",
+                      n_resamples=0, occlusion=False, progress=False)
+    doc = json.loads(path.read_text())
+    jsonschema.validate(doc, SCHEMA)
+    lf = doc["lung_focus"]
+    assert lf["mask_source"] == {"dataset": doc["n"], "segmenter": 0} and lf["n_unscored"] == 0
+
+    ckpt = load_checkpoint(run.checkpoint)
+    rows, _ = E.load_split_rows(run.run_dir, data, "test", ckpt)
+    ds = E.evaluation_dataset(data, rows, ckpt["classes"], E.preprocess_config_of(ckpt))
+    from core.model import model_from_checkpoint
+
+    model = model_from_checkpoint(ckpt).eval()
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    heat = gradcam.explain(model, x, "gradcam")  # predicted class, model-input resolution
+    ratio = heat[:, :, :32].sum(axis=(1, 2)) / heat.sum(axis=(1, 2)) / 0.5
+    for k, cls in enumerate(ckpt["classes"]):
+        want = ratio[np.asarray(ds.targets) == k]
+        assert lf["per_class"][cls]["n"] == len(want)
+        assert lf["per_class"][cls]["mean"] == pytest.approx(want.mean(), abs=1e-5)
+    assert lf["overall"]["mean"] == pytest.approx(ratio.mean(), abs=1e-5)
 
 
 def test_cli_errors_are_reported_not_raised(synthetic_run: SmallRun, tmp_path: Path,

@@ -377,7 +377,8 @@ def test_predict_cli_on_a_folder_with_a_corrupt_file(tmp_path, capsys):
     assert [Path(r["path"]).name for r in rows] == ["broken.png", "scan0.png", "scan1.png",
                                                    "scan2.png"]
     assert list(rows[0]) == ["path", "label", "decision", *(f"p_{c}" for c in CLASSES),
-                             "confidence", "low_confidence", "ood", "ood_score", "heatmap", "error"]
+                             "confidence", "low_confidence", "ood", "ood_score", "heatmap", "lung_focus",
+                             "error"]
     bad, good = rows[0], rows[1:]
     assert bad["error"] and not bad["label"]
     for r in good:
@@ -474,3 +475,24 @@ def test_real_ood_false_alarms_on_test_x_rays_and_detects_non_x_rays(ood_run: Pa
     assert detection >= 0.8
     assert false_alarm <= 0.15
     assert low_conf <= 0.2
+
+
+def test_explain_gives_the_lung_mask_focus_and_contour_on_a_real_x_ray(predictor, real_dir):
+    from core import lungs
+
+    path = sorted((real_dir / "Normal" / "images").glob("*.png"))[0]
+    plain = predictor.explain(path, lung_focus=False)
+    assert plain.lung_mask is None and math.isnan(plain.lung_focus)
+    exp = predictor.explain(path, lung_contour=True)
+    gray = np.asarray(Image.open(path).convert("L"))
+    assert exp.lung_mask.shape == gray.shape and 0.05 < exp.lung_mask.mean() < 0.8
+    assert np.array_equal(exp.lung_mask, lungs.default_segmenter().segment(gray / 255.0))
+    assert exp.lung_focus == pytest.approx(lungs.lung_focus_ratio(exp.heatmap, exp.lung_mask))
+    changed = np.any(exp.overlay != plain.overlay, axis=2)  # only the outline was drawn
+    assert 0 < changed.mean() < 0.1
+    assert np.array_equal(exp.heatmap, plain.heatmap)
+
+
+def test_explain_without_a_plausible_lung_field_has_no_focus(predictor):
+    exp = predictor.explain(np.zeros((128, 128), np.uint8))
+    assert exp.lung_mask is None and math.isnan(exp.lung_focus)
