@@ -120,7 +120,8 @@ def bench_train(args: argparse.Namespace) -> int:
     import torchvision
     from torch.utils.data import DataLoader, TensorDataset
 
-    from core.train import cpu_has_native_bf16, extract_features, resolve_precision
+    from core.devices import cpu_has_native_bf16, resolve_precision
+    from core.train import extract_features
 
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -257,6 +258,7 @@ def bench_infer(args: argparse.Namespace) -> int:
 
     from core.config import PreprocessConfig, to_dict
     from core.data import IMAGE_EXTS, load_manifest
+    from core.devices import cpu_has_native_bf16
     from core.inference import Predictor
     from core.model import (
         CHECKPOINT_FORMAT,
@@ -266,7 +268,6 @@ def bench_infer(args: argparse.Namespace) -> int:
         model_from_checkpoint,
         save_checkpoint,
     )
-    from core.train import cpu_has_native_bf16
 
     def infer_images(data_dir, checkpoint, limit):
         """Real images for the agreement check: the run's manifest test split, else all images."""

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from core import metrics as M
 from core.config import PreprocessConfig, default_data_dir
 from core.data import CXRDataset, discover, load_manifest
+from core.devices import resolve_device
 from core.errors import CheckpointError, ConfigError, CXRError, DatasetError
 from core.model import (
     library_versions,
@@ -91,18 +92,6 @@ class Predictions:
     def proba(self, temperature: float = 1.0, probe: str | None = None) -> np.ndarray:
         logits = self.logits if probe is None else self.probe_logits[probe]
         return M.softmax_t(logits, temperature)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device={name!r} is not valid; use auto, cpu or cuda[:N]") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} requested but CUDA is not available; use cpu")
-    return dev
 
 
 def central_box(h: int, w: int, frac: float = OCCLUSION_BOX) -> tuple[slice, slice]:

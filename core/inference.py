@@ -36,7 +36,7 @@ into the preceding convolutions, channels-last memory format, then a frozen Torc
 graph (``torch.jit.freeze`` + ``optimize_for_inference``: oneDNN convolutions with
 pre-packed weights and fused ReLU/add) that returns the logits *and* the ``layer4``
 activations in one pass. bf16 is used only where the CPU runs it natively
-(:func:`core.train.cpu_has_native_bf16`; elsewhere oneDNN emulates it and it is ~10x
+(:func:`core.devices.cpu_has_native_bf16`; elsewhere oneDNN emulates it and it is ~10x
 slower); CUDA uses fp16/bf16 autocast. ``python -m core.bench infer`` measures the options.
 """
 
@@ -61,6 +61,7 @@ from torch import nn
 
 from core import gradcam, ood
 from core.config import PreprocessConfig
+from core.devices import resolve_device, resolve_precision
 from core.errors import CheckpointError, ConfigError, InvalidImageError
 from core.imaging import DecodedImage, decode
 from core.model import load_checkpoint, preprocess_config_of
@@ -247,49 +248,6 @@ def _freeze(trunk: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
 
 
 # ---------------------------------------------------------------- device, precision, memory
-# Same rules as core.train.resolve_device / resolve_precision / cpu_has_native_bf16, kept
-# here because importing core.train pulls in scikit-learn and SciPy (~135 MB of resident
-# memory) that inference never uses.
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU; a named device must exist."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for, but no CUDA GPU is visible.")
-        return torch.device(name)
-    if name != "cpu":
-        raise ConfigError(f"--device {name!r} is not valid; choose auto, cpu or cuda[:N]")
-    return torch.device("cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX), i.e. where it is faster."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` (auto, fp32, bf16, fp16), or None for fp32."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision={precision!r} is not valid; choose auto, fp32, bf16 or fp16")
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        if precision == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-    if precision == "bf16" or cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
 
 
 def usable_cpus() -> int:

@@ -313,6 +313,7 @@ def calibrate_run_ood(
     from torch.utils.data import DataLoader
 
     from core.data import CXRDataset, load_manifest
+    from core.devices import resolve_device
     from core.model import (
         load_checkpoint,
         model_from_checkpoint,
@@ -320,7 +321,6 @@ def calibrate_run_ood(
         save_checkpoint,
     )
     from core.preprocess import build_transform
-    from core.train import resolve_device
 
     run_dir = Path(run_dir)
     best = run_dir / "best.pt"

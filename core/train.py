@@ -24,7 +24,6 @@ schedule, early stopping, checkpoints and history together.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import logging
@@ -63,6 +62,7 @@ from core.config import (
     to_dict,
 )
 from core.data import CXRDataset, Manifest, build_manifest, load_manifest, seed_worker
+from core.devices import autocast, resolve_device, resolve_precision
 from core.errors import CheckpointError, ConfigError, CXRError
 from core.preprocess import build_transform
 
@@ -72,46 +72,6 @@ StepHook = Callable[[int], None]
 
 
 # ---------------------------------------------------------------- devices and precision
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; a named device must exist."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for, but no CUDA GPU is visible.")
-        return torch.device("cuda", local_rank if name == "cuda" else int(name.split(":")[1]))
-    if name != "cpu":
-        raise ConfigError(f"--device {name!r} is not valid; choose auto, cpu or cuda[:N]")
-    return torch.device("cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX), i.e. where it is faster."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if precision == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-    if precision == "bf16" or cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------- distributed

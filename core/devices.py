@@ -1,0 +1,73 @@
+"""Device and precision rules shared by training, evaluation and inference.
+
+Kept free of scikit-learn and SciPy so that inference can import it without their memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from core.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA when present, else CPU; a named device must exist. Plain ``cuda`` means
+    this process's GPU (``local_rank`` under torchrun)."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} was asked for, but no CUDA GPU is visible; "
+                              "use --device cpu.")
+        if name == "cuda":
+            return torch.device("cuda", local_rank)
+        try:
+            return torch.device(name)
+        except RuntimeError as exc:
+            raise ConfigError(f"--device {name!r} is not valid; use cuda or cuda:N") from exc
+    if name != "cpu":
+        raise ConfigError(f"--device {name!r} is not valid; choose auto, cpu or cuda[:N]")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX), i.e. where it is faster;
+    elsewhere it is emulated and about 10x slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (auto, fp32, bf16, fp16), or None for fp32.
+
+    ``auto``: bf16 on CUDA GPUs that support it (else fp16), bf16 on CPUs with native bf16,
+    fp32 otherwise.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not valid; choose {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        if precision == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if precision == "bf16" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``, or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
