@@ -348,9 +348,10 @@ class CXRDataset(torch.utils.data.Dataset):
     """Rows of a manifest split -> (normalised tensor, class index).
 
     With ``lung_masks`` (evaluation of lung focus) each item also carries the image's lung
-    mask on the model input's pixel grid (bool S x S, after the same lung view and resize as
-    the image) and whether it came from the dataset (True) or the segmenter (False); see
-    :func:`core.lungs.reference_lung_mask`.
+    mask on the model input's pixel grid (uint8 S x S after the same lung view and resize as
+    the image: 0 letterbox padding, 1 image, 2 lung), whether it came from the dataset (True)
+    or the segmenter (False; see :func:`core.lungs.reference_lung_mask`) and the lungs' share
+    of the original image.
     """
 
     def __init__(
@@ -391,7 +392,7 @@ class CXRDataset(torch.utils.data.Dataset):
         # 0 = letterbox padding, 1 = image content, 2 = lung
         grid = mask_to_input(np.ones_like(mask), cfg, box).astype(np.uint8)
         grid[mask_to_input(mask, cfg, box)] = 2
-        return x, self.targets[i], torch.from_numpy(grid), source == "dataset"
+        return x, self.targets[i], torch.from_numpy(grid), source == "dataset", float(mask.mean())
 
 
 def seed_worker(worker_id: int) -> None:

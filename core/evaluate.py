@@ -147,8 +147,9 @@ def predict_rows(
     ``rows``: dicts with ``path`` (relative to ``root``) and ``class``. With ``occlusion``
     the periphery-only and centre-only probes run on the same preprocessed batches. With
     ``lung_focus`` the same forward pass also gives each image's Grad-CAM (layer4, predicted
-    class; ``core.gradcam.forward_with_cam``), scored against its lung mask on the model
-    input's grid (``core.lungs.lung_focus_ratio``).
+    class; ``core.gradcam.forward_with_cam``): its energy share on the lungs (on the model
+    input's grid, padding excluded) over the lungs' share of the original image, as
+    ``core.lungs.lung_focus_ratio`` of the map placed back on the original image.
     """
     if not rows:
         raise DatasetError(f"No images to evaluate ({desc}).")
@@ -168,8 +169,10 @@ def predict_rows(
 
                 logits, cams = gradcam.forward_with_cam(model, x)
                 heat = gradcam.upsample(cams, tuple(x.shape[-2:]))
-                focus.extend(lungs.lung_focus_ratio(h, g == 2, region=g > 0) if (g == 2).any()
-                             else float("nan") for h, g in zip(heat, batch[2].numpy(), strict=True))
+                focus.extend(
+                    lungs.lung_energy_share(h, g == 2, region=g > 0) / float(frac)
+                    if (g == 2).any() else float("nan")
+                    for h, g, frac in zip(heat, batch[2].numpy(), batch[4], strict=True))
                 from_dataset.extend(bool(v) for v in batch[3])
             else:
                 logits = model(x)
@@ -468,9 +471,9 @@ def shortcut_verdict(conditions: dict[str, dict[str, Any]], chance: float) -> tu
 
 
 LUNG_FOCUS_DEFINITION = (
-    "share of the Grad-CAM energy (layer4, predicted class, on the model input) inside the "
-    "lung mask, divided by the lungs' share of the input: 1 = no preference, higher = on the "
-    "lungs, 0 = entirely outside"
+    "share of the Grad-CAM energy (layer4, predicted class) inside the lung mask, divided by "
+    "the lungs' share of the original image (a lung view's map is zero outside its crop): "
+    "1 = no preference, higher = on the lungs, 0 = entirely outside"
 )
 
 

@@ -151,8 +151,9 @@ class Explanation:
             segmentation, else the shipped segmenter's); None when not asked for or when no
             plausible lung field was found.
         lung_focus: share of the heatmap's energy on the lungs divided by the lungs' share of
-            the area the model saw (1 = no preference, higher = on the lungs; see
-            ``core.lungs.lung_focus_ratio``); nan without a lung mask.
+            the original image (1 = no preference, higher = on the lungs; a lung view's map is
+            zero outside its crop; see ``core.lungs.lung_focus_ratio``); nan without a lung
+            mask.
     """
 
     heatmap: np.ndarray
@@ -707,11 +708,8 @@ class Predictor:
                     from core import lungs
 
                     mask = self._lung_mask(prep)
-                    if mask is not None:
-                        top, left, bottom, right = prep.box
-                        seen = np.zeros(mask.shape, bool)
-                        seen[top:bottom, left:right] = True
-                        focus = lungs.lung_focus_ratio(heat, mask, region=seen)
+                    if mask is not None:  # on the original image (zero outside a lung crop)
+                        focus = lungs.lung_focus_ratio(heat, mask)
                         if lung_contour:
                             over = lungs.draw_lung_contour(over, mask)
                 out[i] = Explanation(heat, over, pred, method, self.classes[int(t)], mask, focus)
