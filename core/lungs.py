@@ -62,6 +62,7 @@ from torch import nn
 
 from core.config import PreprocessConfig
 from core.errors import CheckpointError, DatasetError, InvalidImageError
+from core.model import torch_load_file
 from core.preprocess import clahe, letterbox_box, load_gray, resize, to_gray, to_uint8
 
 log = logging.getLogger(__name__)
@@ -264,16 +265,10 @@ class LungSegmenter:
     def load(cls, path: str | Path = DEFAULT_SEGMENTER_PATH) -> LungSegmenter:
         """Read a weights file written by ``python -m core.lungs train`` (weights_only)."""
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(
-                f"Lung segmenter weights not found: {path}. Train them with `python -m "
-                "core.lungs train --data-dir ../shared/data/lung-masks --output "
-                f"{path}` or restore assets/lung_segmenter.pt."
-            )
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle, zip and tensor errors all land here
-            raise CheckpointError(f"Cannot load lung segmenter {path}: {exc}") from exc
+        ckpt = torch_load_file(path, CheckpointError, "lung segmenter weights",
+                               "Train them with `python -m core.lungs train --data-dir "
+                               f"../shared/data/lung-masks --output {path}` or restore "
+                               "assets/lung_segmenter.pt.")
         if not isinstance(ckpt, dict) or ckpt.get("format") != SEGMENTER_FORMAT:
             raise CheckpointError(f"{path} is not a CXR Insight lung segmenter weights file.")
         if int(ckpt.get("version", 0)) > SEGMENTER_VERSION:

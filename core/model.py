@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 from core.config import ARCHS, PreprocessConfig, from_dict
-from core.errors import CheckpointError, ConfigError, WeightsUnavailableError
+from core.errors import CheckpointError, ConfigError, CXRError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,9 @@ def build_model(
     else:
         model = ctor(weights=None)
         if weights not in ("none", "", None):
-            path = Path(weights)
-            if not path.is_file():
-                raise WeightsUnavailableError(
-                    f"Weights file not found: {path}. Pass --weights imagenet, none, or an "
-                    "existing .pth state dict."
-                )
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # torch raises several unrelated types here
-                raise WeightsUnavailableError(f"Cannot read weights file {path}: {exc}") from exc
+            state = torch_load_file(weights, WeightsUnavailableError, "weights file",
+                                    "Pass --weights imagenet, none, or an existing .pth "
+                                    "state dict.")
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
             own = model.state_dict()
@@ -90,7 +83,7 @@ def build_model(
             bad = [k for k in missing if not k.startswith("fc.")]
             if bad or unexpected:
                 raise WeightsUnavailableError(
-                    f"{path} does not match torchvision {arch}: missing {bad[:5]}, "
+                    f"{weights} does not match torchvision {arch}: missing {bad[:5]}, "
                     f"unexpected {list(unexpected)[:5]}"
                 )
     in_features = model.fc.in_features
@@ -134,18 +127,24 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def torch_load_file(path: str | Path, error: type[CXRError], what: str, hint: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a missing or unreadable file raises
+    ``error`` ("<what> not found: <path>. <hint>" / "Cannot load <what> <path>: ...")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what[0].upper()}{what[1:]} not found: {path}. {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and tensor errors all land here
+        raise error(f"Cannot load {what} {path}: {exc}") from exc
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` and check that it is ours."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"Checkpoint not found: {path}. Train one with `python -m core.train --output "
-            "models/<run>` or pick an existing models/<run>/best.pt."
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and tensor errors all land here
-        raise CheckpointError(f"Cannot load checkpoint {path}: {exc}") from exc
+    ckpt = torch_load_file(path, CheckpointError, "checkpoint",
+                           "Train one with `python -m core.train --output models/<run>` or pick "
+                           "an existing models/<run>/best.pt.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a CXR Insight checkpoint.")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
