@@ -132,7 +132,7 @@ TOLERANCE_PX = 15  # the pointing game's tolerance at 224 px (Zhang et al., 2016
 @pytest.fixture(scope="session")
 def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A ResNet18 trained from scratch on 4 x 60 phantoms at 224 px with ``core.train.fit``,
-    once per session (10 epochs: about three minutes on 2 CPU cores; it reaches ~0.9
+    once per session (10 epochs on one thread: about six minutes on this CPU; it reaches ~0.9
     validation accuracy).
 
     Why ResNet18 and not the product's ResNet50: ImageNet weights cannot be downloaded in CI,
