@@ -386,7 +386,12 @@ class CXRDataset(torch.utils.data.Dataset):
         from core.preprocess import mask_to_input
 
         x, view = self.transform.with_view(gray)
-        mask, source = lungs.reference_lung_mask(gray, self.root / row["path"])
+        path = self.root / row["path"]
+        seen = None if view is None else view.full_mask(gray.shape)
+        if seen is not None and lungs.dataset_mask_path(path) is None:
+            mask, source = seen, "segmenter"  # the lung view already segmented this image
+        else:
+            mask, source = lungs.reference_lung_mask(gray, path)
         box = None if view is None else view.box
         cfg = self.transform.cfg
         # 0 = letterbox padding, 1 = image content, 2 = lung

@@ -514,10 +514,7 @@ class Predictor:
             view, box = lv.image, tuple(int(v) for v in lv.box)
             if lv.fallback:
                 notes.append(f"Lung view fell back to the whole image: {lv.reason}.")
-            else:
-                top, left, bottom, right = box
-                lung_mask = np.zeros(gray.shape, bool)
-                lung_mask[top:bottom, left:right] = lv.mask
+            lung_mask = lv.full_mask(gray.shape)
         x = self._transform(view)  # built with lung_view="none": the view is applied above
         return PreparedImage(x, gray, box, tuple(notes), lung_mask)  # type: ignore[arg-type]
 
@@ -529,7 +526,7 @@ class Predictor:
         from core import lungs
 
         mask = lungs.default_segmenter().segment(prep.gray)
-        return mask if lungs.MIN_LUNG_FRACTION <= mask.mean() <= lungs.MAX_LUNG_FRACTION else None
+        return None if lungs.implausible(mask) else mask
 
     # -- the network
 

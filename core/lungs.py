@@ -353,6 +353,28 @@ class LungView:
     fallback: bool
     reason: str
 
+    def full_mask(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """The lung mask on the input image's grid (``shape``), or None after a fallback."""
+        if self.fallback or not self.mask.any():
+            return None
+        top, left, bottom, right = self.box
+        out = np.zeros(shape, bool)
+        out[top:bottom, left:right] = self.mask
+        return out
+
+
+def implausible(lung: np.ndarray) -> str:
+    """Why a lung mask cannot be a frontal chest's lung field ("" when it can): nothing
+    found, or an area under 5 % or over 80 % of the image."""
+    frac = float(lung.mean())
+    if not lung.any():
+        return "no lung found"
+    if frac < MIN_LUNG_FRACTION:
+        return f"lung area {frac:.1%} of the image is implausibly small (< {MIN_LUNG_FRACTION:.0%})"
+    if frac > MAX_LUNG_FRACTION:
+        return f"lung area {frac:.1%} of the image is implausibly large (> {MAX_LUNG_FRACTION:.0%})"
+    return ""
+
 
 def check_segmenter_hash(cfg: PreprocessConfig, segmenter: LungSegmenter) -> None:
     """Refuse a segmenter other than the one the classifier was trained with."""
@@ -418,13 +440,7 @@ def apply_lung_view(
         lung = _resize_mask(mask, (h, w))
 
     frac = float(lung.mean())
-    reason = ""
-    if not lung.any():
-        reason = "no lung found"
-    elif frac < MIN_LUNG_FRACTION:
-        reason = f"lung area {frac:.1%} of the image is implausibly small (< {MIN_LUNG_FRACTION:.0%})"
-    elif frac > MAX_LUNG_FRACTION:
-        reason = f"lung area {frac:.1%} of the image is implausibly large (> {MAX_LUNG_FRACTION:.0%})"
+    reason = implausible(lung)
     if reason:
         log.warning("Lung view %r falls back to the full image: %s", cfg.lung_view, reason)
         return LungView(g, np.zeros((h, w), bool), full, True, reason)
@@ -503,19 +519,17 @@ def lung_energy_share(heatmap: np.ndarray, lung_mask: np.ndarray,
     return float(hm[m].sum()) / total
 
 
-def lung_focus_ratio(heatmap: np.ndarray, lung_mask: np.ndarray,
-                     region: np.ndarray | None = None) -> float:
-    """:func:`lung_energy_share` divided by the lungs' share of the image's (or ``region``'s)
-    area.
+def lung_focus_ratio(heatmap: np.ndarray, lung_mask: np.ndarray) -> float:
+    """:func:`lung_energy_share` divided by the lungs' share of the image's area.
 
     1 = no preference (a uniform heatmap scores exactly 1), higher = concentrated on the lungs
     (at most 1 / area share), 0 = entirely outside. nan for an all-zero heatmap or an empty
     mask.
     """
-    share = lung_energy_share(heatmap, lung_mask, region)
+    share = lung_energy_share(heatmap, lung_mask)
     if math.isnan(share):
         return math.nan
-    return share / float(_energy_inputs(heatmap, lung_mask, region)[1].mean())
+    return share / float(_resize_mask(lung_mask, np.asarray(heatmap).shape).mean())
 
 
 def draw_lung_contour(

@@ -18,8 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from core import evaluate as E
+from core import gradcam
 from core.config import DataConfig, PreprocessConfig, to_dict
 from core.data import CXRDataset, build_manifest
 from core.errors import CheckpointError, ConfigError, DatasetError
@@ -28,6 +30,7 @@ from core.model import (
     CHECKPOINT_VERSION,
     build_model,
     load_checkpoint,
+    model_from_checkpoint,
     save_checkpoint,
 )
 from core.preprocess import build_transform
@@ -231,8 +234,6 @@ def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_pa
     """With ``<Class>/masks/`` present the report scores Grad-CAM against them: here every
     mask is the image's left half, so each image's ratio is its map's left-half energy share
     over 0.5, recomputed by hand from core.gradcam.explain."""
-    from core import gradcam
-
     data = tmp_path / "ds"
     shutil.copytree(synthetic_run.data_dir, data)
     # 64 px, so that layer4 is 2x2 (at 32 px its 1x1 map carries no location)
@@ -241,8 +242,6 @@ def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_pa
         mask = np.zeros((64, 64), np.uint8)
         mask[:, :32] = 255
         (img.parent.parent / "masks").mkdir(exist_ok=True)
-        from PIL import Image
-
         Image.fromarray(mask).save(img.parent.parent / "masks" / img.name)
     path = E.evaluate(run.checkpoint, data, "test", tmp_path / "report",
                       n_resamples=0, occlusion=False, progress=False)
@@ -254,8 +253,6 @@ def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_pa
     ckpt = load_checkpoint(run.checkpoint)
     rows, _ = E.load_split_rows(run.run_dir, data, "test", ckpt)
     ds = E.evaluation_dataset(data, rows, ckpt["classes"], E.preprocess_config_of(ckpt))
-    from core.model import model_from_checkpoint
-
     model = model_from_checkpoint(ckpt).eval()
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     heat = gradcam.explain(model, x, "gradcam")  # predicted class, model-input resolution
@@ -265,6 +262,14 @@ def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_pa
         assert lf["per_class"][cls]["n"] == len(want)
         assert lf["per_class"][cls]["mean"] == pytest.approx(want.mean(), abs=1e-5)
     assert lf["overall"]["mean"] == pytest.approx(ratio.mean(), abs=1e-5)
+
+
+def test_low_lung_focus_becomes_a_finding() -> None:
+    doc = {"calibration": {"fitted": True}, "operating_point": None, "run": {"warnings": []},
+           "lung_focus": {"overall": {"n": 50, "mean": 0.8}}}
+    assert any("mostly outside the lungs" in f for f in E.findings(doc))
+    doc["lung_focus"]["overall"]["mean"] = 1.3
+    assert not any("outside the lungs" in f for f in E.findings(doc))
 
 
 def test_cli_errors_are_reported_not_raised(synthetic_run: SmallRun, tmp_path: Path,

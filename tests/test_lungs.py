@@ -210,6 +210,30 @@ def test_lung_focus_resizes_mask_and_handles_degenerate_inputs() -> None:
         lungs.lung_energy_share(np.full((4, 4), np.nan), np.ones((4, 4), bool))
 
 
+def test_lung_energy_share_counts_only_the_region_the_model_saw() -> None:
+    mask = _rect_mask((10, 10), 0, 0, 10, 5)  # left half
+    heat = np.zeros((10, 10), np.float32)
+    heat[:, 2] = 1.0  # on the lungs
+    heat[:, 8] = 3.0  # off the lungs, but in letterbox padding
+    padding = _rect_mask((10, 10), 0, 7, 10, 10)
+    assert lungs.lung_energy_share(heat, mask) == pytest.approx(0.25)
+    assert lungs.lung_energy_share(heat, mask, region=~padding) == pytest.approx(1.0)
+
+
+def test_lung_view_full_mask_and_plausibility() -> None:
+    g = np.zeros((100, 80), np.float32)
+    lung = _rect_mask((100, 80), 20, 10, 70, 60)
+    view = lungs.apply_lung_view(g, PreprocessConfig(lung_view="crop", lung_margin=0.0), mask=lung)
+    assert np.array_equal(view.full_mask(g.shape), lung)
+    fallback = lungs.apply_lung_view(g, PreprocessConfig(lung_view="crop"),
+                                     mask=np.zeros((100, 80), bool))
+    assert fallback.fallback and fallback.full_mask(g.shape) is None
+    assert lungs.implausible(lung) == ""
+    assert lungs.implausible(np.zeros((10, 10), bool)) == "no lung found"
+    assert "small" in lungs.implausible(_rect_mask((100, 100), 0, 0, 2, 2))
+    assert "large" in lungs.implausible(np.ones((10, 10), bool))
+
+
 def test_draw_lung_contour() -> None:
     rgb = np.zeros((120, 100, 3), np.uint8)
     mask = _rect_mask((60, 50), 10, 10, 50, 40)  # drawn at double resolution
