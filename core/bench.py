@@ -209,8 +209,11 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
                    help="real X-rays for the sample image and the agreement check (default: "
                         "../shared/data/cxr-real beside the repository, if present)")
-    p.add_argument("--backends", default="eager,fused,jit",
+    p.add_argument("--backends", default="eager,fused,jit,int8",
                    help="predictor backends to compare (default %(default)s; 'auto' is one of them)")
+    p.add_argument("--calibration-images", type=int, default=64,
+                   help="real images to calibrate the int8 network with when the checkpoint has "
+                        "none (default %(default)s)")
     p.add_argument("--repeats", type=int, default=20,
                    help="timed single-image calls per contender, interleaved (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="throughput batch (default %(default)s)")
@@ -256,10 +259,11 @@ def bench_infer(args: argparse.Namespace) -> int:
     import torchvision
     from PIL import Image
 
+    from core import quantize
     from core.config import PreprocessConfig, to_dict
     from core.data import IMAGE_EXTS, load_manifest
     from core.devices import cpu_has_native_bf16
-    from core.inference import Predictor
+    from core.inference import Predictor, fold_batchnorm, inference_trunk
     from core.model import (
         CHECKPOINT_FORMAT,
         CHECKPOINT_VERSION,
@@ -304,6 +308,7 @@ def bench_infer(args: argparse.Namespace) -> int:
                          "state_dict": model.state_dict()}, ckpt_path)
         del model
     ckpt = load_checkpoint(ckpt_path)
+    run_ckpt = ckpt_path  # its folder's manifest.csv names the test split
     size = int(ckpt["preprocess"]["img_size"])
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
@@ -316,6 +321,24 @@ def bench_infer(args: argparse.Namespace) -> int:
         Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)).save(buf, "PNG")
         png = buf.getvalue()
     (tmp / "sample.png").write_bytes(png)
+    if "int8" in backends and quantize.KEY not in ckpt:
+        # A checkpoint without an int8 network (the random-init default): calibrate one here on
+        # real images through the preprocessing contract (core.quantize.calibrate_run_int8 does
+        # this, plus its validation check, for a trained run).
+        helper = Predictor(ckpt, device="cpu", backend="fused")
+        files = [p.read_bytes() for p in real[:: max(1, len(real) // args.calibration_images)]]
+        files = (files or [png])[: args.calibration_images]
+        t0 = time.perf_counter()
+        trunk = inference_trunk(fold_batchnorm(model_from_checkpoint(ckpt), inplace=True))
+        batches = (torch.stack([helper.prepare(f).x for f in files[i : i + 16]])
+                   for i in range(0, len(files), 16))
+        ckpt[quantize.KEY] = {"engine": quantize.DEFAULT_ENGINE, "torch": torch.__version__,
+                              "observers": quantize.calibrate(trunk, batches)}
+        save_checkpoint(ckpt, tmp / "best.pt")
+        ckpt_path = tmp / "best.pt"
+        del helper, trunk
+        print(f"infer: int8 network calibrated here on {len(files)} real images in "
+              f"{time.perf_counter() - t0:.1f} s ({quantize.DEFAULT_ENGINE} engine)")
     print(f"infer: checkpoint {origin} ({ckpt['arch']}, {size} px); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {cpu_has_native_bf16()}; sample: "
@@ -365,7 +388,7 @@ def bench_infer(args: argparse.Namespace) -> int:
               f"{args.batch_size}: {tp:.1f} img/s = {tp / base_tp:.2f}x the baseline (target >= 1.8x)")
 
     if real:
-        paths, what = infer_images(data_dir, ckpt_path, args.agreement_limit)
+        paths, what = infer_images(data_dir, run_ckpt, args.agreement_limit)
         reference = model_from_checkpoint(ckpt).eval()
         any_p = next(iter(predictors.values()))
         agree = dict.fromkeys(predictors, 0)

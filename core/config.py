@@ -78,10 +78,18 @@ class AugmentConfig:
     """Training-only augmentation (albumentations), applied after CLAHE."""
 
     rotate_deg: float = 10.0
+    translate: float = 0.0  # max shift, fraction of the side (0 = none)
+    scale: float = 0.0  # max zoom in or out, fraction (0 = none)
     brightness: float = 0.1
     contrast: float = 0.1
     hflip: bool = False
     p: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.translate < 0.5 and 0.0 <= self.scale < 0.5):
+            raise ConfigError("augment translate and scale must lie in [0, 0.5)")
+        if not 0.0 <= self.p <= 1.0:
+            raise ConfigError("augment p must lie in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class TrainConfig:
     seed: int = 42
     resume: bool = False
     evaluate: bool = True
+    int8: bool = True  # after evaluation: calibrate the int8 CPU network (core.quantize)
     max_steps_per_epoch: int = 0  # 0 = full epochs (a debugging/benchmark aid)
 
     def __post_init__(self) -> None:

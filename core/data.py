@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from core.config import DataConfig
-from core.errors import DatasetError, InvalidImageError
+from core.errors import CheckpointError, DatasetError, InvalidImageError
 from core.preprocess import Transform, load_gray
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,31 @@ def load_manifest(path: str | Path, root: str | Path) -> Manifest:
         raise DatasetError(f"{path} is not a CXR Insight manifest (columns {MANIFEST_FIELDS}).")
     classes = sorted({r["class"] for r in rows})
     return Manifest(root=Path(root), classes=classes, rows=rows)
+
+
+def run_split_rows(run_dir: str | Path, data_dir: str | Path, classes: Sequence[str],
+                   splits: Sequence[str]) -> dict[str, list[dict[str, str]]]:
+    """The rows of a finished run's splits (``run_dir/manifest.csv``), checked: each split has
+    images, only checkpoint ``classes``, and every file is present under ``data_dir``."""
+
+    manifest_path = Path(run_dir) / "manifest.csv"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} not found: this step needs the run's split "
+                              "manifest beside the checkpoint (written by core.train).")
+    manifest = load_manifest(manifest_path, data_dir)
+    out = {s: manifest.split(s) for s in splits}
+    for name, rows in out.items():
+        if not rows:
+            raise DatasetError(f"The manifest {manifest_path} has no {name!r} images.")
+        unknown = sorted({r["class"] for r in rows} - set(classes))
+        if unknown:
+            raise CheckpointError(f"Manifest classes {unknown} are not checkpoint classes "
+                                  f"{list(classes)}.")
+        missing = [r["path"] for r in rows if not (Path(data_dir) / r["path"]).is_file()]
+        if missing:
+            raise DatasetError(f"{len(missing)} {name} images are missing under {data_dir} "
+                               f"(e.g. {missing[0]}); pass the data folder the run was trained on.")
+    return out
 
 
 def _assign_splits(

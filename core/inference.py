@@ -37,7 +37,10 @@ graph (``torch.jit.freeze`` + ``optimize_for_inference``: oneDNN convolutions wi
 pre-packed weights and fused ReLU/add) that returns the logits *and* the ``layer4``
 activations in one pass. bf16 is used only where the CPU runs it natively
 (:func:`core.devices.cpu_has_native_bf16`; elsewhere oneDNN emulates it and it is ~10x
-slower); CUDA uses fp16/bf16 autocast. ``python -m core.bench infer`` measures the options.
+slower); CUDA uses fp16/bf16 autocast. On CPUs without native bf16 a run's **int8 network**
+(:mod:`core.quantize`, stored by training when it agrees with fp32 on >= 99 % of validation)
+is used instead, frozen the same way, with its own OOD and low-confidence cut-offs.
+``python -m core.bench infer`` measures the options.
 """
 
 from __future__ import annotations
@@ -73,11 +76,13 @@ RESEARCH_ONLY = (
     "Research use only. CXR Insight is not a medical device: its outputs are not validated "
     "for clinical use and must not be used for diagnosis, triage or treatment decisions."
 )
-BACKENDS = ("auto", "eager", "fused", "jit")
+BACKENDS = ("auto", "eager", "fused", "jit", "int8")
 """``eager``: the network as trained (fp32, contiguous); ``fused``: BatchNorm folded into the
 convolutions, channels-last; ``jit``: ``fused`` frozen into an optimised TorchScript graph;
-``auto``: ``jit`` on CPU (``fused`` with bf16 autocast on CPUs with native bf16), ``fused``
-with fp16/bf16 autocast on CUDA."""
+``int8``: the run's calibrated int8 network (:mod:`core.quantize`; CPU only), frozen the same
+way; ``auto``: on CPU ``int8`` when the checkpoint has one and the CPU lacks native bf16,
+else ``jit`` (``fused`` with bf16 autocast on CPUs with native bf16), ``fused`` with
+fp16/bf16 autocast on CUDA."""
 DEFAULT_BATCH_SIZE = 16
 _NAN = float("nan")  # one object for "unavailable", so equal predictions compare equal
 
@@ -166,6 +171,16 @@ class Explanation:
 
 
 @dataclass(frozen=True, eq=False)
+class Outputs:
+    """What the network gives for a batch of preprocessed tensors (:meth:`Predictor.outputs`)."""
+
+    logits: torch.Tensor  # [N, C] fp32, uncalibrated
+    ood_score: np.ndarray  # [N] float64, nan without OOD statistics
+    ood: torch.Tensor  # [N] bool
+    low_confidence: torch.Tensor  # [N] bool
+
+
+@dataclass(frozen=True, eq=False)
 class PreparedImage:
     """One decoded and preprocessed image (:meth:`Predictor.prepare`): the model input ``x``,
     the decoded grayscale image and the box of it that the model saw."""
@@ -203,6 +218,12 @@ class _Trunk(nn.Module):
         feats = m.layer4(h3)
         logits = m.fc(torch.flatten(m.avgpool(feats), 1))
         return logits, feats, h1.mean(dim=(2, 3)), h2.mean(dim=(2, 3)), h3.mean(dim=(2, 3))
+
+
+def inference_trunk(model: nn.Module) -> nn.Module:
+    """The one-pass inference network of a torchvision ResNet (see ``_Trunk``): what every
+    backend runs, and what :mod:`core.quantize` quantises."""
+    return _Trunk(model).eval()
 
 
 def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -311,6 +332,16 @@ def _network(ckpt: dict[str, Any]) -> nn.Module:
 # ---------------------------------------------------------------- checkpoint contents
 
 
+def _int8_usable(state: Any) -> bool:
+    """A checkpoint's int8 block can serve ``backend="auto"``: present and its engine in this
+    torch build. (Only asked on CPUs without native bf16, where ``auto`` means fp32.)"""
+    if not isinstance(state, dict):
+        return False
+    from core import quantize
+
+    return quantize.available(str(state.get("engine", quantize.DEFAULT_ENGINE)))
+
+
 def _as_numpy(obj: Any) -> Any:
     """Tensors (at any depth of dicts and lists) -> float64 arrays, once at load."""
     if isinstance(obj, torch.Tensor):
@@ -379,30 +410,59 @@ class Predictor:
         self.low_confidence_threshold = float(low["threshold"]) if low else _NAN
         self.notes = self._static_notes(low)
 
+        int8_state = ckpt.get("int8")
         if backend == "auto":
             backend = "jit" if self.device.type == "cpu" and self.amp_dtype is None else "fused"
-        if backend == "jit" and self.amp_dtype is not None:
-            raise ConfigError("backend='jit' runs in fp32; use backend='fused' for bf16/fp16")
-        self._channels_last = backend != "eager"
+            if backend == "jit" and precision == "auto" and _int8_usable(int8_state):
+                backend = "int8"
+        if backend in ("jit", "int8") and self.amp_dtype is not None:
+            raise ConfigError(f"backend={backend!r} does not take bf16/fp16 autocast; use "
+                              "backend='fused' for those")
+        if backend == "int8":
+            if self.device.type != "cpu":
+                raise ConfigError("backend='int8' runs on the CPU only; use device='cpu'")
+            if int8_state is None:
+                raise ConfigError("This checkpoint has no int8 network; run `python -m "
+                                  "core.quantize RUN_DIR --data-dir DATA` or use backend='jit'")
+        notes = []
+        self._channels_last = backend not in ("eager", "int8")
         model = self._build_model(ckpt, backend)
         self._fc_weight = gradcam.classifier_layer(model).weight.detach().float().clone()
         self._model_lock = threading.Lock()
-        self._model_path: Path | None = None  # set when the weights live only in the jit graph
+        self._model_path: Path | None = None  # set when the weights live only in a frozen graph
         self._model = model
         self._net: nn.Module | torch.jit.ScriptModule = _Trunk(model)
+        if backend == "int8":
+            from core import quantize
+
+            try:
+                self._net = quantize.build(self._net, int8_state, self._example(1))
+            except (quantize.QuantizationError, ConfigError) as exc:
+                log.warning("int8 network unavailable (%s); using the fp32 network", exc)
+                notes.append(f"The int8 network could not be built ({exc}); predictions come "
+                             "from the fp32 network.")
+                self._channels_last = True
+                model = model.to(memory_format=torch.channels_last)
+                self._net = _Trunk(model)
+                backend = "jit"
         if backend == "jit":
             try:
                 self._net = _freeze(self._net, self._example(1))
             except (RuntimeError, AttributeError) as exc:  # TorchScript is deprecated upstream
                 log.warning("TorchScript freezing failed (%s); using the fused eager network", exc)
                 backend = "fused"
-            else:
-                if source and Path(source).is_file():
-                    # The frozen graph holds its own (pre-packed) weights; keep only the module
-                    # structure and reload the weights from the file if a library CAM needs them.
-                    self._model = model.to("meta")
-                    self._model_path = Path(source)
+        if backend in ("jit", "int8") and source and Path(source).is_file():
+            # The frozen graph holds its own (pre-packed) weights; keep only the module
+            # structure and reload the weights from the file if a library CAM needs them.
+            self._model = model.to("meta")
+            self._model_path = Path(source)
         self.backend = backend
+        self.notes = self.notes + tuple(notes)
+        if backend == "int8":  # the int8 network's own cut-offs (core.quantize), where stored
+            if self.ood_stats is not None and "ood_threshold" in int8_state:
+                self.ood_stats["threshold"] = float(int8_state["ood_threshold"])
+            if self.has_low_confidence and "low_confidence_threshold" in int8_state:
+                self.low_confidence_threshold = float(int8_state["low_confidence_threshold"])
         self._warm_up()
         log.info("Predictor ready: %s, %s, %d classes, %d px, backend %s%s on %s", source or "checkpoint",
                  self.arch, len(self.classes), self.preprocess.img_size, backend,
@@ -410,7 +470,7 @@ class Predictor:
 
     def _build_model(self, ckpt: dict[str, Any], backend: str) -> nn.Module:
         model = _network(ckpt)
-        if backend != "eager":
+        if backend != "eager":  # fused, jit and int8 start from the folded network
             model = fold_batchnorm(model, inplace=True)
         if self._channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -555,6 +615,25 @@ class Predictor:
         """Raw logits of preprocessed tensors [N, C, S, S] (for benchmarks and audits)."""
         return self._forward(x)[0]
 
+    def outputs(self, x: torch.Tensor) -> Outputs:
+        """Logits, OOD scores and both flags of preprocessed tensors [N, C, S, S] (for
+        audits such as :func:`core.quantize.compare`; flags are False where unavailable)."""
+        logits, _, pooled = self._forward(x)
+        n = len(logits)
+        if self.ood_stats is not None:
+            scores = np.asarray(ood.ood_score(self.ood_stats, self._ood_inputs(pooled)), np.float64)
+        else:
+            scores = np.full(n, _NAN)
+        top = torch.softmax(logits.double() / self.temperature, 1).max(1).values.numpy()
+        return Outputs(logits, scores,
+                       torch.from_numpy(self.has_ood & (scores > self.ood_threshold)),
+                       torch.from_numpy(self.has_low_confidence & (top < self.low_confidence_threshold)))
+
+    def _ood_inputs(self, pooled: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if list(self.ood_stats["layer_names"]) == [ood.SINGLE]:  # fitted on the head's input
+            return {ood.SINGLE: pooled["layer4"]}
+        return pooled
+
     # -- results
 
     def _results(self, logits: torch.Tensor, pooled: dict[str, np.ndarray],
@@ -564,9 +643,7 @@ class Predictor:
         proba = np.exp(z)
         proba /= proba.sum(axis=1, keepdims=True)
         if self.ood_stats is not None:
-            if list(self.ood_stats["layer_names"]) == [ood.SINGLE]:  # fitted on the head's input
-                pooled = {ood.SINGLE: pooled["layer4"]}
-            scores = ood.ood_score(self.ood_stats, pooled)
+            scores = ood.ood_score(self.ood_stats, self._ood_inputs(pooled))
         else:
             scores = [_NAN] * len(proba)
         out = []

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.errors import CheckpointError, DatasetError
+from core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def calibrate_run_ood(
     """
     from torch.utils.data import DataLoader
 
-    from core.data import CXRDataset, load_manifest
+    from core.data import CXRDataset, run_split_rows
     from core.devices import resolve_device
     from core.model import (
         load_checkpoint,
@@ -324,24 +324,9 @@ def calibrate_run_ood(
 
     run_dir = Path(run_dir)
     best = run_dir / "best.pt"
-    manifest_path = run_dir / "manifest.csv"
     ckpt = load_checkpoint(best)
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{manifest_path} not found: the OOD statistics need the run's "
-                              "split manifest beside the checkpoint (written by core.train).")
-    manifest = load_manifest(manifest_path, data_dir)
     classes = list(ckpt["classes"])
-    splits = {s: manifest.split(s) for s in ("train", "val")}
-    for name, rows in splits.items():
-        if not rows:
-            raise DatasetError(f"The manifest {manifest_path} has no {name!r} images.")
-        unknown = sorted({r["class"] for r in rows} - set(classes))
-        if unknown:
-            raise CheckpointError(f"Manifest classes {unknown} are not checkpoint classes {classes}.")
-        missing = [r["path"] for r in rows if not (Path(data_dir) / r["path"]).is_file()]
-        if missing:
-            raise DatasetError(f"{len(missing)} {name} images are missing under {data_dir} "
-                               f"(e.g. {missing[0]}); pass the data folder the run was trained on.")
+    splits = run_split_rows(run_dir, data_dir, classes, ("train", "val"))
     temperature = ckpt.get("temperature")
     calibrated = temperature is not None
     t = float(temperature) if calibrated else 1.0

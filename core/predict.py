@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    g.add_argument("--backend", default="auto", choices=("auto", "eager", "fused", "jit"),
+    g.add_argument("--backend", default="auto", choices=("auto", "eager", "fused", "jit", "int8"),
                    help="network variant (core.inference.BACKENDS; default auto: the fastest "
-                        "for the device)")
+                        "for the device, the run's int8 network on CPUs without native bf16; "
+                        "jit: the exact fp32 network)")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (default 0: torch's default)")
     g.add_argument("--no-progress", dest="progress", action="store_false",

@@ -213,9 +213,17 @@ def build_augment(aug: AugmentConfig, seed: int | None = None) -> Callable[[np.n
     """albumentations pipeline on the prepared uint8 image (training only)."""
     import albumentations as A
 
+    # Shift and zoom only when asked: passing zero ranges would still change the random
+    # draws, i.e. the augmentations a seed gives.
+    geometry: dict[str, Any] = {}
+    if aug.translate > 0:
+        geometry["translate_percent"] = (-aug.translate, aug.translate)
+    if aug.scale > 0:
+        geometry["scale"] = (1.0 - aug.scale, 1.0 + aug.scale)
     ops: list[Any] = [
         A.Affine(
             rotate=(-aug.rotate_deg, aug.rotate_deg),
+            **geometry,
             border_mode=cv2.BORDER_CONSTANT,
             fill=0,
             p=aug.p,

@@ -569,7 +569,9 @@ def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) 
     """Train a run end to end; returns the path of ``best.pt``.
 
     With ``cfg.train.evaluate`` (the default) the rank-0 process then fits calibration and
-    the operating point on validation and writes the test report (``core.evaluate``).
+    the operating point on validation and writes the test report (``core.evaluate``), fits
+    the OOD and low-confidence cut-offs (``core.ood``) and, with ``cfg.train.int8`` (the
+    default), calibrates and checks the int8 CPU network (``core.quantize``).
     """
     trainer = Trainer(cfg, progress=progress)
     try:
@@ -584,6 +586,13 @@ def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) 
                               progress=progress)
         ood.calibrate_run_ood(best.parent, cfg.data.data_dir, device=str(trainer.device),
                               progress=progress)
+        if cfg.train.int8:
+            from core import quantize
+
+            try:
+                quantize.calibrate_run_int8(best.parent, cfg.data.data_dir, progress=progress)
+            except quantize.QuantizationError as exc:  # the fp32 network still serves
+                log.warning("No int8 network stored: %s", exc)
     return best
 
 
@@ -621,6 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = ap.add_argument_group("augmentation (training only)")
     g.add_argument("--rotate", type=float, default=a.rotate_deg, help="max rotation, degrees")
+    g.add_argument("--translate", type=float, default=a.translate,
+                   help="max shift as a fraction of the side")
+    g.add_argument("--scale", type=float, default=a.scale,
+                   help="max zoom in or out as a fraction (0.1: 0.9x to 1.1x)")
     g.add_argument("--brightness", type=float, default=a.brightness)
     g.add_argument("--contrast", type=float, default=a.contrast)
     g.add_argument("--no-augment", action="store_true", help="turn augmentation off")
@@ -669,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from <output>/last.pt")
     g.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip calibration and the test report at the end")
+    g.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip the int8 CPU network (core.quantize) at the end")
     g.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
@@ -684,7 +699,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         from core import lungs
 
         pre = replace(pre, segmenter_sha256=lungs.file_sha256(lungs.DEFAULT_SEGMENTER_PATH))
-    aug = AugmentConfig(rotate_deg=args.rotate, brightness=args.brightness,
+    aug = AugmentConfig(rotate_deg=args.rotate, translate=args.translate, scale=args.scale,
+                        brightness=args.brightness,
                         contrast=args.contrast, hflip=args.hflip,
                         p=0.0 if args.no_augment else AugmentConfig().p)
     train = TrainConfig(
@@ -696,7 +712,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         weighted_sampler=args.weighted_sampler, early_stop_patience=args.early_stop_patience,
         feature_cache_views=args.feature_cache_views, workers=args.workers, device=args.device,
         precision=args.precision, channels_last=args.channels_last, seed=args.seed,
-        resume=args.resume, evaluate=args.evaluate,
+        resume=args.resume, evaluate=args.evaluate, int8=args.int8,
         max_steps_per_epoch=args.max_steps_per_epoch,
     )
     return RunConfig(data=data, preprocess=pre, augment=aug, train=train)

@@ -325,8 +325,9 @@ def test_explain_batch_matches_explain(predictor):
         assert np.abs(b.heatmap - s.heatmap).max() < 1e-3
 
 
-def test_eight_threads_on_one_predictor_give_the_serial_results(predictor):
-    imgs = [xray_like(s, (80 + 6 * s, 72)) for s in range(6)]
+def assert_threads_match_serial(predictor: Predictor, imgs: list) -> None:
+    """8 threads predicting and explaining the same images (each from another start) on one
+    shared predictor give exactly the serial results."""
     serial = [(predictor.predict(im), predictor.explain(im)) for im in imgs]
     results: dict[int, list] = {}
     errors: list[BaseException] = []
@@ -353,6 +354,10 @@ def test_eight_threads_on_one_predictor_give_the_serial_results(predictor):
         for (p, e), (sp, se) in zip(results[k], serial, strict=True):
             assert p == sp and e.prediction == sp
             assert np.array_equal(e.heatmap, se.heatmap) and np.array_equal(e.overlay, se.overlay)
+
+
+def test_eight_threads_on_one_predictor_give_the_serial_results(predictor):
+    assert_threads_match_serial(predictor, [xray_like(s, (80 + 6 * s, 72)) for s in range(6)])
 
 
 # ---------------------------------------------------------------- CLI

@@ -1,0 +1,356 @@
+"""Post-training static int8 quantisation of a run's network, for fast CPU inference.
+
+Why
+---
+On a CPU without native bf16 (AVX2 only, most laptops and many servers) an fp32 ResNet50
+at 224 px takes ~110 ms per image on two cores, and bf16 is emulated (~10x slower). int8
+convolutions (``VPMADDUBSW``/VNNI through fbgemm/oneDNN) run the same network in about a
+third of the time. ``python -m core.bench infer`` measures it against the plain fp32 model.
+
+How (PyTorch's own FX graph-mode quantisation, ``torch.ao.quantization``; nothing hand-made)
+--------------------------------------------------------------------------------------------
+1. The inference network of :mod:`core.inference` (BatchNorm folded, one pass returning
+   the logits, the ``layer4`` activations for Grad-CAM and the pooled stage activations for
+   the OOD score) is prepared with the engine's default qconfig: per-channel int8 weights,
+   histogram observers on the activations.
+2. **Calibration**: a seeded sample of the run's *training* images (the checkpoint's
+   preprocessing contract, no augmentation) passes through it; the observers record the
+   activation ranges.
+3. **Check**: the int8 network is compared with the fp32 one on the run's *validation*
+   images: top-1 agreement (at least ``min_agreement``, 99 % by default, or nothing is
+   stored), the largest probability change, and agreement of the out-of-distribution and
+   low-confidence flags.
+4. **Storage**: only the observers' statistics (plain tensors) go into ``best.pt`` under
+   ``ckpt["int8"]`` with the engine, the torch version and the check's figures; it still
+   loads with ``torch.load(..., weights_only=True)``. At load the predictor repeats step 1,
+   restores the statistics and converts (about a second): the same int8 network, with no
+   pickled code.
+
+The predictor uses it by default on CPUs without native bf16 (``backend="auto"``); pass
+``backend="jit"`` for the exact fp32 network. Grad-CAM's fast path uses the int8 network's
+``layer4`` activations (dequantised); the other CAM methods run on the fp32 network.
+
+FX graph-mode quantisation is in maintenance upstream (its successor, PT2E, needs
+``torch.compile``'s compiler, which gave no gain here and takes minutes to start). If the
+API is missing or the stored statistics no longer fit (another torch version), the
+predictor logs why and falls back to the fp32 network.
+
+``python -m core.quantize RUN_DIR --data-dir DATA`` does steps 2-4 for a finished run;
+``core.train`` runs it at the end of training (``--no-int8`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.errors import CheckpointError, ConfigError, CXRError
+
+log = logging.getLogger(__name__)
+
+KEY = "int8"
+ENGINES = ("x86", "onednn", "fbgemm")
+DEFAULT_ENGINE = "x86"
+DEFAULT_CALIBRATION_IMAGES = 512
+DEFAULT_AGREEMENT_IMAGES = 1000
+DEFAULT_MIN_AGREEMENT = 0.99
+_OBSERVER = "activation_post_process"
+
+
+class QuantizationError(CXRError, RuntimeError):
+    """int8 quantisation is unavailable here or did not match the fp32 network closely enough."""
+
+
+def available(engine: str = DEFAULT_ENGINE) -> bool:
+    """True when this torch build has FX graph-mode quantisation and the engine."""
+    try:
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: F401
+    except ImportError:
+        return False
+    return engine in torch.backends.quantized.supported_engines
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"engine={engine!r} is not valid; choose one of: {', '.join(ENGINES)}")
+    if not available(engine):
+        raise QuantizationError(
+            f"int8 quantisation with the {engine!r} engine is not available in this torch build "
+            f"(engines: {', '.join(torch.backends.quantized.supported_engines)}); use the fp32 "
+            "network (backend='jit').")
+
+
+def _prepare(trunk: nn.Module, engine: str, example: torch.Tensor) -> nn.Module:
+    """The observed (not yet quantised) FX graph of an fp32 inference trunk."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    _check_engine(engine)
+    torch.backends.quantized.engine = engine  # process-wide; the packed weights follow it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+        return prepare_fx(copy.deepcopy(trunk).eval(), get_default_qconfig_mapping(engine),
+                          (example,))
+
+
+def observer_state(prepared: nn.Module) -> dict[str, torch.Tensor]:
+    """The activation observers' statistics of a prepared graph (plain tensors)."""
+    return {k: v.detach().clone() for k, v in prepared.state_dict().items() if _OBSERVER in k}
+
+
+def calibrate(trunk: nn.Module, batches: Iterable[torch.Tensor], engine: str = DEFAULT_ENGINE,
+              ) -> dict[str, torch.Tensor]:
+    """Run preprocessed batches [N, C, S, S] through the observed trunk; return the
+    observers' statistics (what :func:`build` needs)."""
+    prepared = None
+    n = 0
+    with torch.no_grad():
+        for x in batches:
+            x = x.float().contiguous()
+            if prepared is None:
+                prepared = _prepare(trunk, engine, x[:1])
+            prepared(x)
+            n += len(x)
+    if prepared is None or n == 0:
+        raise QuantizationError("No calibration images: int8 calibration needs some of the "
+                                "run's training images.")
+    return observer_state(prepared)
+
+
+def build(trunk: nn.Module, state: dict[str, Any], example: torch.Tensor) -> torch.jit.ScriptModule:
+    """The int8 trunk from an fp32 trunk and a checkpoint's ``int8`` block, traced and frozen
+    (TorchScript) like the fp32 ``jit`` backend. Raises :class:`QuantizationError` when the
+    statistics do not fit this network or torch version."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    engine = str(state.get("engine", DEFAULT_ENGINE))
+    observers = state.get("observers")
+    if not isinstance(observers, dict) or not observers:
+        raise QuantizationError("The checkpoint's int8 block has no observer statistics; rerun "
+                                "`python -m core.quantize` on the run.")
+    prepared = _prepare(trunk, engine, example)
+    expected = set(observer_state(prepared))
+    if set(observers) != expected:
+        raise QuantizationError(
+            f"The checkpoint's int8 statistics ({len(observers)} tensors, made with torch "
+            f"{state.get('torch', '?')}) do not fit this network under torch "
+            f"{torch.__version__} ({len(expected)} expected); rerun `python -m core.quantize`.")
+    try:
+        prepared.load_state_dict(observers, strict=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+            quantized = convert_fx(prepared)
+            with torch.inference_mode(False), torch.no_grad():
+                return torch.jit.freeze(torch.jit.trace(quantized.eval(), example.contiguous(),
+                                                        check_trace=False).eval())
+    except (RuntimeError, AttributeError) as exc:
+        raise QuantizationError(f"Could not build the int8 network: {exc}") from exc
+
+
+# ---------------------------------------------------------------- a finished run
+
+
+def _loader(data_dir: str | Path, rows: list[dict[str, str]], classes: list[str],
+            ckpt: dict[str, Any], batch_size: int, workers: int) -> Any:
+    from torch.utils.data import DataLoader
+
+    from core.evaluate import evaluation_dataset
+    from core.model import preprocess_config_of
+
+    ds = evaluation_dataset(data_dir, rows, classes, preprocess_config_of(ckpt))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def _sample(rows: list[dict[str, str]], n: int, seed: int) -> list[dict[str, str]]:
+    if n <= 0 or len(rows) <= n:
+        return list(rows)
+    idx = np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))
+    return [rows[i] for i in idx]
+
+
+def collect(predictor: Any, loader: Iterable[Any], progress: bool = False,
+            desc: str = "outputs") -> Any:
+    """:meth:`core.inference.Predictor.outputs` over every batch of a loader, concatenated."""
+    from tqdm.auto import tqdm
+
+    from core.inference import Outputs
+
+    parts = [predictor.outputs(x) for x, *_ in tqdm(loader, desc=desc, leave=False,
+                                                    disable=not progress, unit="batch")]
+    if not parts:
+        raise QuantizationError("No images to run: the split is empty.")
+    return Outputs(torch.cat([p.logits for p in parts]), np.concatenate([p.ood_score for p in parts]),
+                   torch.cat([p.ood for p in parts]), torch.cat([p.low_confidence for p in parts]))
+
+
+def agreement(reference: Any, candidate: Any, temperature: float) -> dict[str, Any]:
+    """How closely two :class:`core.inference.Outputs` of the same images agree: top-1, the
+    largest change of a calibrated probability, and both flags."""
+    n = len(reference.logits)
+    pr = torch.softmax(reference.logits.double() / temperature, 1)
+    pc = torch.softmax(candidate.logits.double() / temperature, 1)
+    return {
+        "n": n,
+        "top1_agreement": float((pr.argmax(1) == pc.argmax(1)).double().mean()),
+        "max_abs_dp": float((pr - pc).abs().max()),
+        "ood_flag_agreement": float((reference.ood == candidate.ood).double().mean()),
+        "low_confidence_flag_agreement": float(
+            (reference.low_confidence == candidate.low_confidence).double().mean()),
+    }
+
+
+def calibrate_run_int8(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    engine: str = DEFAULT_ENGINE,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    agreement_images: int = DEFAULT_AGREEMENT_IMAGES,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    batch_size: int = 32,
+    workers: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Calibrate (train split), check (validation split) and store the int8 network of a
+    finished run in its ``best.pt`` (atomic rewrite; other keys untouched). Writes
+    ``int8.json`` beside it with the settings and figures, and returns them.
+
+    Raises :class:`QuantizationError` (nothing stored) when top-1 agreement with the fp32
+    network on validation is below ``min_agreement``.
+    """
+    import json
+
+    from core.data import run_split_rows
+    from core.inference import Predictor, fold_batchnorm, inference_trunk
+    from core.model import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    _check_engine(engine)
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ConfigError(f"min_agreement={min_agreement} must lie in [0, 1]")
+    run_dir = Path(run_dir)
+    best = run_dir / "best.pt"
+    ckpt = load_checkpoint(best)
+    classes = list(ckpt["classes"])
+    splits = run_split_rows(run_dir, data_dir, classes, ("train", "val"))
+    t0 = time.perf_counter()
+    calib_rows = _sample(splits["train"], calibration_images, seed)
+    trunk = inference_trunk(fold_batchnorm(model_from_checkpoint(ckpt), inplace=True))
+    batches = (x for x, *_ in _tqdm(_loader(data_dir, calib_rows, classes, ckpt, batch_size, workers),
+                                     progress, "int8 calibration"))
+    state: dict[str, Any] = {"engine": engine, "torch": torch.__version__,
+                             "observers": calibrate(trunk, batches, engine),
+                             "calibration_images": len(calib_rows)}
+    candidate = dict(ckpt, **{KEY: state})
+    reference = Predictor(ckpt, device="cpu", backend="jit")
+    int8 = Predictor(candidate, device="cpu", backend="int8")
+    if int8.backend != "int8":
+        raise QuantizationError("The int8 network could not be built here; see the log.")
+    val_rows = _sample(splits["val"], agreement_images, seed)
+    loader = _loader(data_dir, val_rows, classes, ckpt, batch_size, workers)
+    ref_out = collect(reference, loader, progress, "fp32 (val)")
+    out = collect(int8, loader, progress, "int8 (val)")
+    check = agreement(ref_out, out, reference.temperature)
+    # The int8 network's own cut-offs, set on the same validation images the same way as
+    # core.ood sets the fp32 ones, so that their stated rates hold for the network that serves.
+    if ckpt.get("ood") is not None:
+        state["ood_threshold"] = float(np.quantile(out.ood_score, float(ckpt["ood"]["pass_rate"])))
+        check["ood_pass_rate_fp32_cutoff"] = float((~out.ood).double().mean())
+        check["ood_pass_rate"] = float((out.ood_score <= state["ood_threshold"]).mean())
+    if ckpt.get("low_confidence") is not None:
+        low = ckpt["low_confidence"]
+        top = torch.softmax(out.logits.double() / float(low["temperature"]), 1).max(1).values
+        state["low_confidence_threshold"] = float(np.quantile(top.numpy(), float(low["quantile"])))
+    state["check"] = {"split": "val", **check}
+    summary = {"engine": engine, "torch": torch.__version__,
+               "calibration_images": len(calib_rows), "check": state["check"],
+               "min_agreement": min_agreement, "seconds": round(time.perf_counter() - t0, 1)}
+    if check["top1_agreement"] < min_agreement:
+        summary["stored"] = False
+        (run_dir / "int8.json").write_text(json.dumps(summary, indent=2) + "\n")
+        raise QuantizationError(
+            f"int8 top-1 agreement with fp32 on {check['n']} validation images is "
+            f"{check['top1_agreement']:.2%}, below {min_agreement:.0%}: not stored, the predictor "
+            "keeps the fp32 network. Try more --calibration-images or another --engine.")
+    ckpt = load_checkpoint(best)  # re-read: keep anything written meanwhile
+    ckpt[KEY] = state
+    save_checkpoint(ckpt, best)
+    summary["stored"] = True
+    (run_dir / "int8.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("int8 network for %s (%s engine, %d calibration images): top-1 agreement %.2f%% "
+             "on %d val images, max |dp| %.3f; %.1f s", best, engine, len(calib_rows),
+             100 * check["top1_agreement"], check["n"], check["max_abs_dp"], summary["seconds"])
+    return summary
+
+
+def _tqdm(it: Iterable[Any], progress: bool, desc: str) -> Iterable[Any]:
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False, disable=not progress, unit="batch")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m core.quantize",
+        description="Calibrate, check and store the int8 CPU network of a finished run "
+        "(post-training static quantisation). The predictor then uses it on CPUs without "
+        "native bf16.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = ap.add_argument_group("run")
+    g.add_argument("run_dir", help="the run folder (best.pt and manifest.csv)")
+    g.add_argument("--data-dir", required=True, help="the data folder the run was trained on")
+    g = ap.add_argument_group("quantisation")
+    g.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                   help="quantised kernels (x86 picks fbgemm or oneDNN per operator)")
+    g.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+                   help="training images for the activation ranges (0 = all)")
+    g = ap.add_argument_group("check")
+    g.add_argument("--agreement-images", type=int, default=DEFAULT_AGREEMENT_IMAGES,
+                   help="validation images compared with fp32 (0 = all)")
+    g.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                   help="least top-1 agreement with fp32 to store the int8 network")
+    g = ap.add_argument_group("execution")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    g.add_argument("--seed", type=int, default=0, help="seed of the image samples")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = calibrate_run_int8(
+            args.run_dir, args.data_dir, engine=args.engine,
+            calibration_images=args.calibration_images, agreement_images=args.agreement_images,
+            min_agreement=args.min_agreement, batch_size=args.batch_size, workers=args.workers,
+            seed=args.seed, progress=args.progress)
+    except (CXRError, CheckpointError) as exc:
+        log.error("%s", exc)
+        return 2
+    c = summary["check"]
+    log.info("stored: top-1 agreement %.2f%% on %d val images", 100 * c["top1_agreement"], c["n"])
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
