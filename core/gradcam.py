@@ -36,8 +36,9 @@ never takes it.
 
 Outputs
 -------
-Heatmaps are float32 in [0, 1], min-max normalised per image (an all-zero map stays zero),
-at the model input's resolution (bilinear upsampling, as the library does it). Use
+Heatmaps are float32 in [0, 1], normalised per image (an all-zero map stays zero), at the
+model input's resolution: every method's map is computed at its layer's resolution and
+resized by :func:`upsample` (bicubic; see there why not the library's bilinear). Use
 :func:`to_original` to map one back onto the original image (undoing the letterbox) and
 :func:`overlay` to draw it.
 """
@@ -193,18 +194,24 @@ def forward_with_cam(model: nn.Module, x: torch.Tensor,
 
 
 def upsample(cams: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """[N, h, w] maps -> [N, H, W] float32 in [0, 1]: bilinear (OpenCV, as pytorch-grad-cam
-    resizes), then min-max normalised again as the library does."""
+    """[N, h, w] maps at a layer's resolution -> [N, H, W] float32 in [0, 1], for every
+    method alike: bicubic (OpenCV), negatives from its overshoot cut (a CAM is a ReLU), then
+    divided by the maximum.
+
+    Why bicubic and not bilinear (pytorch-grad-cam's ``cv2.resize`` default): a bilinear
+    map's maximum always sits on the centre of a cell of the layer's grid (32 px apart at
+    ``layer4``, 224 px input), whatever its neighbours say; bicubic lets two strong
+    neighbouring cells move the peak between them. On phantoms with known lesions this took
+    ``layer4``'s pointing game from 0.78 to 0.90-0.93 for the same models
+    (tests/test_gradcam.py).
+    """
     arr = cams.detach().float().cpu().numpy() if isinstance(cams, torch.Tensor) else cams
     out = np.empty((arr.shape[0], *size), np.float32)
     for i, cam in enumerate(np.asarray(arr, np.float32)):
-        out[i] = _minmax(cv2.resize(cam, (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
+        up = np.maximum(cv2.resize(cam, (size[1], size[0]), interpolation=cv2.INTER_CUBIC), 0.0)
+        peak = float(up.max())
+        out[i] = up / peak if peak > 0 else 0.0
     return out
-
-
-def _minmax(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    return ((a - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(a, np.float32)
 
 
 # ---------------------------------------------------------------- the library path
@@ -248,11 +255,18 @@ def _library_cam(model: nn.Module, x: torch.Tensor, method: str, target: Target,
         # A normal (non-inference) fp32 tensor that carries the gradient: the shadow's
         # parameters do not require grad.
         inp = x.detach().float().clone().requires_grad_(True)
-        with cls(model=shadow, target_layers=[layer]) as cam:
+        with _at_layer_resolution(cls)(model=shadow, target_layers=[layer]) as cam:
             result = cam(input_tensor=inp, targets=targets)
     if result is None:  # the library's __exit__ swallows IndexError
         raise RuntimeError(f"pytorch-grad-cam {cls.__name__} returned no map")
     return np.asarray(result, np.float32)
+
+
+def _at_layer_resolution(cls: type) -> type:
+    """The library's CAM class with its maps left at the layer's resolution (no target size:
+    its ``scale_cam_image`` then only normalises), so that :func:`upsample` resizes every
+    method's maps the same way."""
+    return type(f"{cls.__name__}AtLayer", (cls,), {"get_target_width_height": lambda self, x: None})
 
 
 # ---------------------------------------------------------------- public API
@@ -275,7 +289,7 @@ def explain(model: nn.Module, x: torch.Tensor, method: str = "gradcam", target: 
         with torch.inference_mode():
             _, cams = forward_with_cam(model, x, target)
         return upsample(cams, (x.shape[-2], x.shape[-1]))
-    return _library_cam(model, x, method, target, target_layer)
+    return upsample(_library_cam(model, x, method, target, target_layer), (x.shape[-2], x.shape[-1]))
 
 
 def explain_batch(model: nn.Module, xs: torch.Tensor | Sequence[torch.Tensor],

@@ -20,7 +20,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from core import gradcam as G
 from core import synthetic
-from core.config import DataConfig, PreprocessConfig, RunConfig, TrainConfig
+from core.config import AugmentConfig, DataConfig, PreprocessConfig, RunConfig, TrainConfig
 from core.errors import ConfigError
 from core.model import build_model, load_checkpoint, model_from_checkpoint
 from core.preprocess import build_transform, letterbox_box, resize
@@ -61,11 +61,12 @@ def test_fast_cam_equals_pytorch_grad_cam(arch, targets):
         lib7 = cam(input_tensor=x, targets=lib_targets)
     np.testing.assert_allclose(cams.numpy(), lib7, atol=1e-4)
 
-    with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:  # upsampled to 224
-        lib224 = cam(input_tensor=x, targets=lib_targets)
+    # Upsampled to the input, every method's maps go through one resize (G.upsample).
     ours = G.explain(model, x, "gradcam", target=targets)
     assert ours.shape == (len(targets), 224, 224) and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, lib224, atol=1e-4)
+    np.testing.assert_allclose(ours, G.upsample(lib7, (224, 224)), atol=1e-4)
+    via_library = G.explain(model, x, "gradcam", target=targets, target_layer="layer4.0")
+    assert via_library.shape == ours.shape  # the library path at another layer, same resize
 
 
 def test_fast_cam_default_target_is_argmax_and_runs_under_bf16_autocast():
@@ -127,13 +128,14 @@ PHANTOM_SIZE = 224  # phantoms are drawn and the model trained at 224 px (layer4
 TRAIN_SIZE = 224
 LESION_CLASSES = ("COVID", "Lung_Opacity", "Viral Pneumonia")
 TOLERANCE_PX = 15  # the pointing game's tolerance at 224 px (Zhang et al., 2016)
+TEST_PER_CLASS = 20  # fresh test phantoms per lesion class
 
 
 @pytest.fixture(scope="session")
 def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A ResNet18 trained from scratch on 4 x 60 phantoms at 224 px with ``core.train.fit``,
-    once per session (10 epochs on one thread: about six minutes on this CPU; it reaches ~0.9
-    validation accuracy).
+    once per session (10 epochs on one thread: about seven minutes on this CPU; it reaches
+    ~0.94 validation accuracy), and 20 fresh test phantoms per lesion class.
 
     Why ResNet18 and not the product's ResNet50: ImageNet weights cannot be downloaded in CI,
     and a from-scratch ResNet50 at 224 px costs ~4x more per image. Why 224 px: at 96 and
@@ -147,6 +149,9 @@ def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = RunConfig(
         data=DataConfig(data_dir=str(root)),
         preprocess=pp,
+        # Shifts and zooms: a finding is a finding wherever it lies, so the features (and the
+        # maps) follow the lesion rather than its usual place.
+        augment=AugmentConfig(translate=0.1, scale=0.1),
         train=TrainConfig(output=str(tmp / "run"), arch="resnet18", weights="none",
                           mode="finetune", epochs=10, batch_size=16, lr=2e-3,
                           backbone_lr_mult=1.0, scheduler="cosine", dropout=0.0,
@@ -171,7 +176,7 @@ def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tf = build_transform(pp)
     images, masks, targets = [], [], []
     for cls in LESION_CLASSES:
-        for _ in range(10):
+        for _ in range(TEST_PER_CLASS):
             img, mask = synthetic.make_phantom(cls, rng, PHANTOM_SIZE)
             images.append(tf(img.astype(np.float32) / 255.0))
             masks.append(mask)
@@ -217,20 +222,25 @@ def test_the_phantom_model_learned_the_findings(phantom_run):
 
 def test_pointing_game_on_phantoms(phantom_run):
     """The true class's Grad-CAM peak, mapped back onto the phantom, lands in or near (the
-    pointing game's 15 px tolerance) its lesion far more often than chance.
+    pointing game's standard 15 px tolerance at 224 px, Zhang et al. 2016) its lesion for at
+    least 90 % of the 60 test phantoms with a lesion, at ``layer4`` (7x7) as at ``layer3``.
 
-    Chance: the lesions grown by 15 px cover 9-16% of a phantom. Measured on this 2-core CPU
-    with one thread: 1.00 at ``layer3`` (14x14), 0.77 at ``layer4`` (7x7), 0.53 / 0.30
-    without tolerance; the issue's 0.9 holds only at ``layer3`` with tolerance, so the bar
-    here is the above-chance localisation that holds across runs (with two threads the same
-    recipe gave 0.67 / 0.60)."""
-    score = _pointing(phantom_run)
+    Chance: the lesions grown by 15 px cover 9-16 % of a phantom. Measured on this 2-core CPU
+    (training on one thread is deterministic here): layer4 0.93 (0.38 strictly inside: a
+    7x7 map's peak cannot sit inside a 40 px lesion that lies between its cells), layer3 0.95
+    (0.73 strict). What got layer4 from 0.77 to 0.93: bicubic instead of bilinear upsampling
+    (``core.gradcam.upsample``) and shift/zoom augmentation; 20 epochs instead of 10 did not
+    help (0.78). Other float paths (two threads, another CPU) train another model: the
+    bilinear figures then moved by up to 0.17."""
+    fine = _pointing(phantom_run)
     strict = _pointing(phantom_run, tolerance=0)
     coarse = _pointing(phantom_run, layer="layer4")
-    log.warning("pointing game, Grad-CAM true class: layer3 %.2f (%.2f without tolerance), "
-                "layer4 %.2f", score, strict, coarse)
-    assert score >= 0.5
-    assert coarse >= 0.4
+    coarse_strict = _pointing(phantom_run, layer="layer4", tolerance=0)
+    log.warning("pointing game, Grad-CAM true class, %d phantoms: layer4 %.2f (%.2f strictly "
+                "inside), layer3 %.2f (%.2f)", len(phantom_run["masks"]), coarse, coarse_strict,
+                fine, strict)
+    assert coarse >= 0.9
+    assert fine >= 0.9
 
 
 def test_other_methods_give_valid_maps_on_the_trained_model(phantom_run):
