@@ -150,7 +150,10 @@ def build(trunk: nn.Module, state: dict[str, Any], example: torch.Tensor) -> tor
     try:
         prepared.load_state_dict(observers, strict=False)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+            # TracerWarning: the quantisation scales are read as Python floats, i.e. traced as
+            # the constants they are.
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning,
+                                             torch.jit.TracerWarning))
             quantized = convert_fx(prepared)
             with torch.inference_mode(False), torch.no_grad():
                 return torch.jit.freeze(torch.jit.trace(quantized.eval(), example.contiguous(),
