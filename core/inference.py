@@ -617,7 +617,7 @@ class Predictor:
 
     def outputs(self, x: torch.Tensor) -> Outputs:
         """Logits, OOD scores and both flags of preprocessed tensors [N, C, S, S] (for
-        audits such as :func:`core.quantize.compare`; flags are False where unavailable)."""
+        audits such as :func:`core.quantize.collect`; flags are False where unavailable)."""
         logits, _, pooled = self._forward(x)
         n = len(logits)
         if self.ood_stats is not None:

@@ -23,7 +23,7 @@ How (PyTorch's own FX graph-mode quantisation, ``torch.ao.quantization``; nothin
 4. **Storage**: only the observers' statistics (plain tensors) go into ``best.pt`` under
    ``ckpt["int8"]`` with the engine, the torch version and the check's figures; it still
    loads with ``torch.load(..., weights_only=True)``. At load the predictor repeats step 1,
-   restores the statistics and converts (about a second): the same int8 network, with no
+   restores the statistics and converts (a few seconds): the same int8 network, with no
    pickled code.
 
 The predictor uses it by default on CPUs without native bf16 (``backend="auto"``); pass
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.errors import CheckpointError, ConfigError, CXRError
+from core.errors import ConfigError, CXRError
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             calibration_images=args.calibration_images, agreement_images=args.agreement_images,
             min_agreement=args.min_agreement, batch_size=args.batch_size, workers=args.workers,
             seed=args.seed, progress=args.progress)
-    except (CXRError, CheckpointError) as exc:
+    except CXRError as exc:
         log.error("%s", exc)
         return 2
     c = summary["check"]

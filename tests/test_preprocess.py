@@ -95,3 +95,28 @@ def test_training_augmentation_is_seeded_and_off_for_eval():
 
 def test_hflip_is_off_by_default():
     assert AugmentConfig().hflip is False
+
+
+def test_shift_augmentation_moves_the_image_and_is_validated():
+    """``translate`` shifts the anatomy (a bright square's centre moves); zero keeps the
+    random draws of a seed unchanged; out-of-range values are refused."""
+    from core.errors import ConfigError
+    from core.preprocess import build_augment
+
+    img = np.zeros((64, 64), np.uint8)
+    img[24:40, 24:40] = 255
+    still = dict(rotate_deg=0.0, brightness=0.0, contrast=0.0, p=1.0)
+
+    def centre(a: np.ndarray) -> np.ndarray:
+        return np.argwhere(a > 127).mean(axis=0)
+
+    shifted = [centre(build_augment(AugmentConfig(translate=0.2, **still), seed=s)(img))
+               for s in range(6)]
+    assert max(float(np.abs(c - 31.5).max()) for c in shifted) >= 3  # moved by pixels
+    same = build_augment(AugmentConfig(translate=0.0, **still), seed=0)(img)
+    assert np.array_equal(same, img)
+    default, explicit = AugmentConfig(), AugmentConfig(translate=0.0, scale=0.0)
+    assert np.array_equal(build_augment(default, seed=4)(img), build_augment(explicit, seed=4)(img))
+    for bad in (dict(translate=0.6), dict(scale=-0.1), dict(p=1.5)):
+        with pytest.raises(ConfigError):
+            AugmentConfig(**bad)
