@@ -39,7 +39,11 @@ activations in one pass. bf16 is used only where the CPU runs it natively
 (:func:`core.devices.cpu_has_native_bf16`; elsewhere oneDNN emulates it and it is ~10x
 slower); CUDA uses fp16/bf16 autocast. On CPUs without native bf16 a run's **int8 network**
 (:mod:`core.quantize`, stored by training when it agrees with fp32 on >= 99 % of validation)
-is used instead, frozen the same way, with its own OOD and low-confidence cut-offs.
+is used instead, frozen the same way, with its own OOD and low-confidence cut-offs. int8
+moves each calibrated probability by at most ``e`` (the largest change seen on validation),
+so it can change the top class only where its own top-two margin is at most ``2e``: those
+close calls (a few percent of images) are re-computed by the fp32 network, kept in memory
+for them (``Prediction.network`` says which network answered).
 ``python -m core.bench infer`` measures the options.
 """
 
@@ -112,6 +116,8 @@ class Prediction:
         ood_available, low_confidence_available: the checkpoint stores these statistics.
         ood_threshold, low_confidence_threshold: the cut-offs (``nan`` when unavailable).
         decision_rule: the rule that gave ``decision``, in words.
+        network: ``fp32`` or ``int8``: the network whose logits gave the probabilities (the
+            ``int8`` backend re-computes close calls in fp32, see the module docstring).
         notes: what a reader should know (missing statistics, lung-view fallback, EXIF...).
         research_only: the disclaimer to show beside every result.
     """
@@ -131,6 +137,7 @@ class Prediction:
     ood_threshold: float
     low_confidence_threshold: float
     decision_rule: str
+    network: str = "fp32"
     notes: tuple[str, ...] = ()
     research_only: str = RESEARCH_ONLY
 
@@ -178,6 +185,7 @@ class Outputs:
     ood_score: np.ndarray  # [N] float64, nan without OOD statistics
     ood: torch.Tensor  # [N] bool
     low_confidence: torch.Tensor  # [N] bool
+    fp32: torch.Tensor  # [N] bool: logits from the fp32 network (always, except int8 ones)
 
 
 @dataclass(frozen=True, eq=False)
@@ -432,11 +440,16 @@ class Predictor:
         self._model_path: Path | None = None  # set when the weights live only in a frozen graph
         self._model = model
         self._net: nn.Module | torch.jit.ScriptModule = _Trunk(model)
+        self._fp32_net: nn.Module | None = None  # the int8 backend's network for close calls
+        self.fp32_margin = 0.0
         if backend == "int8":
             from core import quantize
 
             try:
                 self._net = quantize.build(self._net, int8_state, self._example(1))
+                self.fp32_margin = float(int8_state.get("fp32_margin", 0.0))
+                if self.fp32_margin > 0:
+                    self._fp32_net = _Trunk(model)
             except (quantize.QuantizationError, ConfigError) as exc:
                 log.warning("int8 network unavailable (%s); using the fp32 network", exc)
                 notes.append(f"The int8 network could not be built ({exc}); predictions come "
@@ -451,7 +464,7 @@ class Predictor:
             except (RuntimeError, AttributeError) as exc:  # TorchScript is deprecated upstream
                 log.warning("TorchScript freezing failed (%s); using the fused eager network", exc)
                 backend = "fused"
-        if backend in ("jit", "int8") and source and Path(source).is_file():
+        if backend in ("jit", "int8") and self._fp32_net is None and source and Path(source).is_file():
             # The frozen graph holds its own (pre-packed) weights; keep only the module
             # structure and reload the weights from the file if a library CAM needs them.
             self._model = model.to("meta")
@@ -590,9 +603,16 @@ class Predictor:
 
     # -- the network
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+    def _forward(self, x: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray], torch.Tensor]:
         """(logits fp32 CPU [N, C], layer4 activations [N, K, h, w] on the device, pooled
-        activations of every stage as float64 arrays, as ``core.ood.pooled_layer_features``)."""
+        activations of every stage as float64 arrays, as ``core.ood.pooled_layer_features``,
+        bool [N]: logits and activations came from the fp32 network).
+
+        With the int8 backend, the images whose int8 top-two margin (calibrated
+        probabilities) is at most ``fp32_margin`` get the fp32 network's logits and layer4
+        activations; the pooled activations (the OOD score) stay the int8 network's, which
+        its OOD cut-off was set on."""
         x = x.to(self.device, non_blocking=True)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -604,12 +624,26 @@ class Predictor:
                 logits, feats, *low = self._net(x)
             pooled = [*low, feats.mean(dim=(2, 3))]
             arrays = {n: p.float().cpu().double().numpy() for n, p in zip(ood.LAYERS, pooled, strict=True)}
-            return logits.float().cpu(), feats, arrays
+            logits = logits.float().cpu()
+            if self._fp32_net is None:
+                return logits, feats, arrays, torch.full((len(logits),), self.backend != "int8")
+            from core.quantize import top2_margin
+
+            close = top2_margin(logits, self.temperature) <= self.fp32_margin
+            if close.any():
+                idx = close.nonzero().flatten()
+                logits32, feats32, *_ = self._fp32_net(x.index_select(0, idx))
+                logits = logits.index_copy(0, idx, logits32.float())
+                feats = feats.float().index_copy(0, idx.to(feats.device), feats32.float())
+            return logits, feats, arrays, close
 
     def _warm_up(self) -> None:
         # TorchScript's profiling executor optimises the graph over the first calls.
         for _ in range(2 if self.backend == "jit" else 1):
             self._forward(self._example(1))
+        if self._fp32_net is not None:  # the close-call network too (its buffers count now)
+            with torch.inference_mode():
+                self._fp32_net(self._example(1))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw logits of preprocessed tensors [N, C, S, S] (for benchmarks and audits)."""
@@ -618,7 +652,7 @@ class Predictor:
     def outputs(self, x: torch.Tensor) -> Outputs:
         """Logits, OOD scores and both flags of preprocessed tensors [N, C, S, S] (for
         audits such as :func:`core.quantize.collect`; flags are False where unavailable)."""
-        logits, _, pooled = self._forward(x)
+        logits, _, pooled, fp32 = self._forward(x)
         n = len(logits)
         if self.ood_stats is not None:
             scores = np.asarray(ood.ood_score(self.ood_stats, self._ood_inputs(pooled)), np.float64)
@@ -627,7 +661,8 @@ class Predictor:
         top = torch.softmax(logits.double() / self.temperature, 1).max(1).values.numpy()
         return Outputs(logits, scores,
                        torch.from_numpy(self.has_ood & (scores > self.ood_threshold)),
-                       torch.from_numpy(self.has_low_confidence & (top < self.low_confidence_threshold)))
+                       torch.from_numpy(self.has_low_confidence & (top < self.low_confidence_threshold)),
+                       fp32)
 
     def _ood_inputs(self, pooled: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if list(self.ood_stats["layer_names"]) == [ood.SINGLE]:  # fitted on the head's input
@@ -637,7 +672,7 @@ class Predictor:
     # -- results
 
     def _results(self, logits: torch.Tensor, pooled: dict[str, np.ndarray],
-                 prepared: Sequence[PreparedImage]) -> list[Prediction]:
+                 prepared: Sequence[PreparedImage], fp32: torch.Tensor) -> list[Prediction]:
         z = logits.double().numpy() / self.temperature
         z = z - z.max(axis=1, keepdims=True)
         proba = np.exp(z)
@@ -647,7 +682,7 @@ class Predictor:
         else:
             scores = [_NAN] * len(proba)
         out = []
-        for p, score, prep in zip(proba, scores, prepared, strict=True):
+        for p, score, prep, full in zip(proba, scores, prepared, fp32.tolist(), strict=True):
             top = int(p.argmax())
             out.append(Prediction(
                 label=self.classes[top],
@@ -665,6 +700,7 @@ class Predictor:
                 ood_threshold=self.ood_threshold,
                 low_confidence_threshold=self.low_confidence_threshold,
                 decision_rule=self.decision_rule,
+                network="fp32" if full else "int8",
                 notes=self.notes + prep.notes,
             ))
         return out
@@ -717,8 +753,8 @@ class Predictor:
         for start in range(0, len(ok), self.batch_size):
             idx = ok[start : start + self.batch_size]
             chunk = [items[i] for i in idx]
-            logits, _, pooled = self._forward(torch.stack([c.x for c in chunk]))  # type: ignore[union-attr]
-            for i, pred in zip(idx, self._results(logits, pooled, chunk), strict=True):  # type: ignore[arg-type]
+            logits, _, pooled, fp32 = self._forward(torch.stack([c.x for c in chunk]))  # type: ignore[union-attr]
+            for i, pred in zip(idx, self._results(logits, pooled, chunk, fp32), strict=True):  # type: ignore[arg-type]
                 out[i] = pred
         return out
 
@@ -763,8 +799,8 @@ class Predictor:
             idx = ok[start : start + self.batch_size]
             chunk: list[PreparedImage] = [items[i] for i in idx]  # type: ignore[misc]
             x = torch.stack([c.x for c in chunk])
-            logits, feats, pooled = self._forward(x)
-            preds = self._results(logits, pooled, chunk)
+            logits, feats, pooled, fp32 = self._forward(x)
+            preds = self._results(logits, pooled, chunk, fp32)
             targets = logits.argmax(dim=1) if t_idx is None else torch.full((len(chunk),), t_idx)
             if fast:
                 maps = gradcam.upsample(self._cams(feats, targets), size)

@@ -6,7 +6,8 @@ Example::
         --csv predictions.csv --heatmaps heatmaps/
 
 Writes one CSV row per input file (columns: path, label, decision, ``p_<class>`` for every
-class, confidence, low_confidence, ood, ood_score, [heatmap, lung_focus,] error). A file that cannot be
+class, confidence, low_confidence, ood, ood_score, network, [heatmap, lung_focus,] error;
+``network``: fp32 or int8, the network that answered). A file that cannot be
 used (damaged, not an image, too small...) gets a row with the reason in ``error`` and the
 rest of the batch goes on. Exit status: 0 when every file was predicted, 1 when some files
 failed, 2 when nothing could run (bad checkpoint or arguments).
@@ -67,7 +68,7 @@ def heatmap_name(path: Path, root: Path | None, method: str, used: set[str]) -> 
 
 def csv_fields(classes: Sequence[str], heatmaps: bool) -> list[str]:
     fields = ["path", "label", "decision", *(f"p_{c}" for c in classes), "confidence",
-              "low_confidence", "ood", "ood_score"]
+              "low_confidence", "ood", "ood_score", "network"]
     if heatmaps:
         fields += ["heatmap", "lung_focus"]
     return [*fields, "error"]
@@ -121,6 +122,7 @@ def _row(path: Path, classes: Sequence[str], pred: object = None, heatmap: str =
             "low_confidence": pred.low_confidence,  # type: ignore[attr-defined]
             "ood": pred.ood,  # type: ignore[attr-defined]
             "ood_score": f"{pred.ood_score:.4f}",  # type: ignore[attr-defined]
+            "network": pred.network,  # type: ignore[attr-defined]
         })
         if heatmap:
             row["heatmap"] = heatmap

@@ -382,12 +382,13 @@ def test_predict_cli_on_a_folder_with_a_corrupt_file(tmp_path, capsys):
     assert [Path(r["path"]).name for r in rows] == ["broken.png", "scan0.png", "scan1.png",
                                                    "scan2.png"]
     assert list(rows[0]) == ["path", "label", "decision", *(f"p_{c}" for c in CLASSES),
-                             "confidence", "low_confidence", "ood", "ood_score", "heatmap", "lung_focus",
-                             "error"]
+                             "confidence", "low_confidence", "ood", "ood_score", "network", "heatmap",
+                             "lung_focus", "error"]
     bad, good = rows[0], rows[1:]
     assert bad["error"] and not bad["label"]
     for r in good:
         assert r["error"] == "" and r["label"] in CLASSES and r["decision"] in CLASSES
+        assert r["network"] == "fp32"  # this checkpoint has no int8 network
         assert sum(float(r[f"p_{c}"]) for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
         with Image.open(r["heatmap"]) as im:
             assert im.size == (110, 90) and im.mode == "RGB"

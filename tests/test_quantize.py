@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,12 @@ def _loader(run: Path, real_dir: Path, split: str):
 def int8_run(trained_run: Path, real_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """best.pt of the session's real run with an int8 network.
 
-    Training stores one only when int8 agrees with fp32 on >= 99 % of validation. The CI model
-    is small (64 px, 6 epochs) and many of its fp32 predictions are near ties, so int8 agrees
-    on about 95 % of them and training keeps fp32 (checked below); this copy is quantised with
-    the bar lowered to 90 % to test the int8 predictor itself. (A 224 px run agrees on 99 %+:
-    ``python -m core.bench infer --checkpoint``.)
+    Training stores one only when the int8 predictor (int8 plus fp32 for close calls) agrees
+    with fp32 on >= 99 % of validation and at most 25 % of the images are close calls. The CI
+    model is small (64 px, 6 epochs) and many of its fp32 predictions are near ties: int8
+    alone agrees on about 95 %, and about a quarter are close calls, so training may keep
+    fp32 (checked below either way); then this copy is quantised with both bars relaxed to
+    test the int8 predictor itself. (A 224 px run: ``python -m core.bench infer``.)
     """
     if not quantize.available():
         pytest.skip("this torch build has no FX int8 quantisation (x86 engine)")
@@ -56,7 +58,8 @@ def int8_run(trained_run: Path, real_dir: Path, tmp_path_factory: pytest.TempPat
     run = tmp_path_factory.mktemp("int8_run")
     for name in ("best.pt", "manifest.csv"):
         shutil.copy2(trained_run.parent / name, run / name)
-    quantize.calibrate_run_int8(run, real_dir, min_agreement=0.9, progress=False)
+    quantize.calibrate_run_int8(run, real_dir, min_agreement=0.9, max_fp32_share=1.0,
+                                progress=False)
     return run / "best.pt"
 
 
@@ -71,7 +74,8 @@ def test_training_checks_int8_and_stores_it_only_above_the_bar(trained_run: Path
     summary = json.loads((trained_run.parent / "int8.json").read_text())
     check = summary["check"]
     assert check["split"] == "val" and check["n"] > 100 and summary["min_agreement"] == 0.99
-    stored = check["top1_agreement"] >= 0.99
+    assert summary["max_fp32_share"] == 0.25
+    stored = check["top1_agreement"] >= 0.99 and check["fp32_share"] <= 0.25
     assert summary["stored"] is stored
     assert (quantize.KEY in load_checkpoint(trained_run)) is stored
     backend = Predictor.from_checkpoint(trained_run, device="cpu").backend
@@ -95,20 +99,93 @@ def test_the_int8_block_loads_with_weights_only(int8_run: Path, int8_pair) -> No
 
 
 @pytest.mark.slow
-def test_int8_agrees_with_fp32_on_the_real_test_split(int8_run: Path, real_dir: Path,
-                                                      int8_pair) -> None:
-    """On the held-out test split the int8 network agrees with fp32 about as well as on
-    validation (where it was checked); >= 0.9 for this small CI model (see ``int8_run``)."""
+def test_int8_predictor_agrees_with_fp32_on_the_real_test_split(int8_run: Path, real_dir: Path,
+                                                                int8_pair) -> None:
+    """On the held-out test split: the close calls (int8 top-two margin within the stored
+    ``fp32_margin``) and only they are answered by the fp32 network, the rest by int8
+    unchanged, and the predictor agrees with fp32 on >= 99 % of the images (int8 alone on
+    about 95 % for this CI model)."""
     fp32, int8 = int8_pair
+    ckpt = load_checkpoint(int8_run)
+    alone = Predictor(dict(ckpt, int8={k: v for k, v in ckpt[quantize.KEY].items()
+                                       if k != "fp32_margin"}), device="cpu", backend="int8")
+    assert alone.fp32_margin == 0 and int8.fp32_margin == ckpt[quantize.KEY]["fp32_margin"] > 0
     loader, rows = _loader(int8_run, real_dir, "test")
-    ref, out = quantize.collect(fp32, loader), quantize.collect(int8, loader)
+    ref, out, raw = (quantize.collect(p, loader) for p in (fp32, int8, alone))
+    close = quantize.top2_margin(raw.logits, fp32.temperature) <= int8.fp32_margin
+    assert torch.equal(out.fp32, close) and not raw.fp32.any() and ref.fp32.all()
+    assert torch.equal(out.logits[~close], raw.logits[~close])
+    torch.testing.assert_close(out.logits[close], ref.logits[close], atol=1e-3, rtol=1e-4)
+    np.testing.assert_array_equal(out.ood_score, raw.ood_score)  # the int8 features' OOD score
     res = quantize.agreement(ref, out, fp32.temperature)
-    print(f"\nint8 vs fp32 on {res['n']} real test X-rays: top-1 agreement "
-          f"{res['top1_agreement']:.4f}, max |dp| {res['max_abs_dp']:.3f}, OOD flag agreement "
-          f"{res['ood_flag_agreement']:.3f}, low-confidence flag agreement "
+    res_alone = quantize.agreement(ref, raw, fp32.temperature)
+    print(f"\nint8 predictor vs fp32 on {res['n']} real test X-rays: top-1 agreement "
+          f"{res['top1_agreement']:.4f} (int8 alone {res_alone['top1_agreement']:.4f}; "
+          f"{float(close.double().mean()):.1%} close calls re-computed in fp32), OOD flag "
+          f"agreement {res['ood_flag_agreement']:.3f}, low-confidence flag agreement "
           f"{res['low_confidence_flag_agreement']:.3f}")
-    assert res["n"] == len(rows) and res["top1_agreement"] >= 0.9
+    assert res["n"] == len(rows) and res["top1_agreement"] >= 0.99
+    assert res["top1_agreement"] >= res_alone["top1_agreement"]
     assert res["ood_flag_agreement"] >= 0.9 and res["low_confidence_flag_agreement"] >= 0.9
+    preds = int8.predict_batch([real_dir / r["path"] for r in rows[:32]])
+    assert [p.network for p in preds] == ["fp32" if c else "int8" for c in close[:32].tolist()]
+    assert {p.network for p in fp32.predict_batch([real_dir / rows[0]["path"]])} == {"fp32"}
+
+
+def test_close_call_rule_by_hand() -> None:
+    """Two images, T = 1. A: int8 moves its probabilities by 0.01 and keeps a wide margin.
+    B: int8 moves them by 0.2 and flips its top class. In sample the margin is 2 x 0.2 and
+    catches B; cross-fitted, the half holding only A sets 2 x 0.01 and misses B, the half
+    holding only B sets 0.4, which does not reach A's margin: agreement 1/2."""
+    def logits(*p: float) -> list[float]:
+        return np.log(np.asarray(p)).tolist()
+
+    ref = torch.tensor([logits(0.80, 0.15, 0.05), logits(0.45, 0.40, 0.15)])
+    q = torch.tensor([logits(0.79, 0.16, 0.05), logits(0.25, 0.60, 0.15)])
+    res = quantize.close_call_check(ref, q, temperature=1.0)
+    assert res["fp32_margin"] == pytest.approx(0.4)
+    assert res["fp32_share"] == pytest.approx(0.5)  # B (int8 margin 0.35); A's is 0.63
+    assert res["top1_agreement_int8_only"] == pytest.approx(0.5)
+    assert res["top1_agreement"] == pytest.approx(0.5)
+    # The temperature applies: at T = 2 the same logits give other probabilities.
+    assert quantize.close_call_check(ref, q, temperature=2.0)["fp32_margin"] != pytest.approx(0.4)
+
+
+def test_close_call_rule_never_misses_a_flip_in_sample() -> None:
+    """Whatever the noise, an image whose int8 top class differs from fp32's has an int8
+    margin within twice the largest probability change, so the rule answers it in fp32."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(5000, 4, generator=gen) * 2
+    q = ref + torch.randn(5000, 4, generator=gen) * 0.3
+    res = quantize.close_call_check(ref, q, temperature=1.3)
+    flips = ref.argmax(1) != q.argmax(1)
+    assert flips.sum() > 50  # the noise does flip near ties
+    margin = quantize.top2_margin(q, 1.3)
+    assert bool((margin[flips] <= res["fp32_margin"]).all())
+    assert res["top1_agreement_int8_only"] == pytest.approx(1 - flips.double().mean().item())
+    assert res["top1_agreement"] > res["top1_agreement_int8_only"]
+    assert res["fp32_share"] == pytest.approx((margin <= res["fp32_margin"]).double().mean().item())
+
+
+def test_building_the_int8_network_keeps_no_fx_graph_alive() -> None:
+    """FX quantisation caches every prepared graph (and with it an fp32 copy of the network,
+    ~100 MB for a ResNet50) in an unbounded cache; build() and calibrate() release them."""
+    import gc
+
+    from core.inference import fold_batchnorm, inference_trunk
+    from core.model import model_from_checkpoint
+
+    ckpt = make_ckpt()
+    trunk = inference_trunk(fold_batchnorm(model_from_checkpoint(ckpt), inplace=True))
+    x = torch.randn(4, 3, 64, 64)
+    state = {"engine": quantize.DEFAULT_ENGINE, "observers": quantize.calibrate(trunk, [x])}
+    net = quantize.build(trunk, state, x[:1])
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some of torch's deprecated aliases warns
+        warnings.simplefilter("ignore", FutureWarning)
+        graphs = [o for o in gc.get_objects() if isinstance(o, torch.fx.GraphModule)]
+    assert graphs == []
+    assert net(x)[0].shape == (4, len(ckpt["classes"]))
 
 
 @pytest.mark.slow
@@ -177,22 +254,25 @@ def test_a_run_below_the_agreement_bar_stores_nothing(trained_run: Path, real_di
     ckpt = load_checkpoint(trained_run)
     ckpt.pop(quantize.KEY, None)
     save_checkpoint(ckpt, run / "best.pt")
-    real = quantize.agreement
-    monkeypatch.setattr(quantize, "agreement",
-                        lambda *a, **k: {**real(*a, **k), "top1_agreement": 0.5})
-    with pytest.raises(quantize.QuantizationError, match="below 99%"):
-        quantize.calibrate_run_int8(run, real_dir, calibration_images=32, agreement_images=32,
-                                    progress=False)
-    assert quantize.KEY not in load_checkpoint(run / "best.pt")
-    assert json.loads((run / "int8.json").read_text())["stored"] is False
-    assert Predictor.from_checkpoint(run / "best.pt", device="cpu").backend == "jit"
+    real = quantize.close_call_check
+    for change, message in (({"top1_agreement": 0.5}, "below 99%"),
+                            ({"top1_agreement": 1.0, "fp32_share": 0.9}, "would need the fp32")):
+        monkeypatch.setattr(quantize, "close_call_check",
+                            lambda *a, change=change, **k: {**real(*a, **k), **change})
+        with pytest.raises(quantize.QuantizationError, match=message):
+            quantize.calibrate_run_int8(run, real_dir, calibration_images=32, agreement_images=32,
+                                        progress=False)
+        assert quantize.KEY not in load_checkpoint(run / "best.pt")
+        assert json.loads((run / "int8.json").read_text())["stored"] is False
+        assert Predictor.from_checkpoint(run / "best.pt", device="cpu").backend == "jit"
 
 
 def test_cli_help_and_a_missing_run(tmp_path: Path, real_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "core.quantize", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0
-    for group in ("quantisation:", "check:", "--calibration-images", "--min-agreement"):
+    for group in ("quantisation:", "check:", "--calibration-images", "--min-agreement",
+                  "--max-fp32-share"):
         assert group in out.stdout
     out = subprocess.run([sys.executable, "-m", "core.quantize", str(tmp_path),
                           "--data-dir", str(real_dir)], cwd=ROOT, capture_output=True, text=True,
