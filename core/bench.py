@@ -333,7 +333,8 @@ def bench_infer(args: argparse.Namespace) -> int:
         trunk = inference_trunk(fold_batchnorm(model_from_checkpoint(ckpt), inplace=True))
         batches = (torch.stack([helper.prepare(f).x for f in files[i : i + 16]])
                    for i in range(0, len(files), 16))
-        ckpt[quantize.KEY] = {"engine": quantize.DEFAULT_ENGINE, "torch": str(torch.__version__),
+        ckpt[quantize.KEY] = {"engine": quantize.DEFAULT_ENGINE, "graph": quantize.GRAPH_VERSION,
+                              "torch": str(torch.__version__),
                               "observers": quantize.calibrate(trunk, batches)}
         save_checkpoint(ckpt, tmp / "best.pt")
         ckpt_path = tmp / "best.pt"

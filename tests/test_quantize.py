@@ -178,7 +178,8 @@ def test_building_the_int8_network_keeps_no_fx_graph_alive() -> None:
     ckpt = make_ckpt()
     trunk = inference_trunk(fold_batchnorm(model_from_checkpoint(ckpt), inplace=True))
     x = torch.randn(4, 3, 64, 64)
-    state = {"engine": quantize.DEFAULT_ENGINE, "observers": quantize.calibrate(trunk, [x])}
+    state = {"engine": quantize.DEFAULT_ENGINE, "graph": quantize.GRAPH_VERSION,
+             "observers": quantize.calibrate(trunk, [x])}
     net = quantize.build(trunk, state, x[:1])
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on some of torch's deprecated aliases warns
@@ -225,16 +226,20 @@ def test_int8_backend_needs_a_calibrated_checkpoint_and_the_cpu() -> None:
 
 
 def test_stale_int8_statistics_fall_back_to_fp32_with_a_note() -> None:
-    """Statistics that do not fit the network (another torch version's graph) are refused
-    with a note, and the exact fp32 network serves."""
-    stale = {"engine": "x86", "torch": "0.0", "observers": {"activation_post_process_0.min_val":
-                                                             torch.tensor(0.0)}}
-    p = Predictor(make_ckpt(int8=stale))
-    assert p.backend == "jit"
-    assert any("int8 network could not be built" in n for n in p.notes)
+    """Statistics that do not fit the network (another torch version's graph) or that were
+    made for an older quantised graph are refused with a note, and the exact fp32 network
+    serves."""
+    observers = {"activation_post_process_0.min_val": torch.tensor(0.0)}
     ref = Predictor(make_ckpt(), backend="jit")
     img = xray_like(1)
-    assert p.predict(img).probabilities == ref.predict(img).probabilities
+    for graph, why in ((quantize.GRAPH_VERSION, "do not fit"), (None, "another quantised graph")):
+        stale = {"engine": "x86", "torch": "0.0", "observers": observers}
+        if graph is not None:
+            stale["graph"] = graph
+        p = Predictor(make_ckpt(int8=stale))
+        assert p.backend == "jit"
+        assert any("int8 network could not be built" in n and why in n for n in p.notes)
+        assert p.predict(img).probabilities == ref.predict(img).probabilities
 
 
 def test_calibrate_needs_images_and_a_known_engine() -> None:
