@@ -68,7 +68,7 @@ from torch import nn
 
 from core import gradcam, ood
 from core.config import PreprocessConfig
-from core.devices import resolve_device, resolve_precision
+from core.devices import release_free_memory, resolve_device, resolve_precision
 from core.errors import CheckpointError, ConfigError, InvalidImageError
 from core.imaging import DecodedImage, decode
 from core.model import load_checkpoint, preprocess_config_of
@@ -303,25 +303,6 @@ def limit_threads() -> int:
     return torch.get_num_threads()
 
 
-def _release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``).
-
-    Loading copies ~100 MB of weights several times (checkpoint, BatchNorm folding,
-    channels-last, TorchScript); glibc keeps most of the freed blocks in its heap, where they
-    would count as the server's resident memory for ever. A no-op elsewhere.
-    """
-    import ctypes
-    import ctypes.util
-    import gc
-    import sys
-
-    gc.collect()
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl...): nothing to do
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-
-
 def _network(ckpt: dict[str, Any]) -> nn.Module:
     """The checkpoint's network, built on the meta device and given the checkpoint's tensors
     (``assign=True``): no random initialisation and no copy of the weights."""
@@ -448,7 +429,8 @@ class Predictor:
             try:
                 self._net = quantize.build(self._net, int8_state, self._example(1))
                 self.fp32_margin = float(int8_state.get("fp32_margin", 0.0))
-                if self.fp32_margin > 0:
+                if self.fp32_margin > 0:  # channels-last: ~40 % less memory held after a close call
+                    model = model.to(memory_format=torch.channels_last)
                     self._fp32_net = _Trunk(model)
             except (quantize.QuantizationError, ConfigError) as exc:
                 log.warning("int8 network unavailable (%s); using the fp32 network", exc)
@@ -514,7 +496,7 @@ class Predictor:
         Raises :class:`~core.errors.CheckpointError` for a missing or unusable checkpoint.
         """
         predictor = cls(load_checkpoint(path), device=device, source=str(path), **kwargs)
-        _release_free_memory()  # the checkpoint's tensors are garbage now
+        release_free_memory()  # the checkpoint's tensors are garbage now
         return predictor
 
     # -- properties
@@ -632,7 +614,8 @@ class Predictor:
             close = top2_margin(logits, self.temperature) <= self.fp32_margin
             if close.any():
                 idx = close.nonzero().flatten()
-                logits32, feats32, *_ = self._fp32_net(x.index_select(0, idx))
+                x32 = x.index_select(0, idx).contiguous(memory_format=torch.channels_last)
+                logits32, feats32, *_ = self._fp32_net(x32)
                 logits = logits.index_copy(0, idx, logits32.float())
                 feats = feats.float().index_copy(0, idx.to(feats.device), feats32.float())
             return logits, feats, arrays, close
@@ -643,7 +626,7 @@ class Predictor:
             self._forward(self._example(1))
         if self._fp32_net is not None:  # the close-call network too (its buffers count now)
             with torch.inference_mode():
-                self._fp32_net(self._example(1))
+                self._fp32_net(self._example(1).contiguous(memory_format=torch.channels_last))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw logits of preprocessed tensors [N, C, S, S] (for benchmarks and audits)."""

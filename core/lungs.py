@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import PreprocessConfig
+from core.devices import release_free_memory
 from core.errors import CheckpointError, DatasetError, InvalidImageError
 from core.model import torch_load_file
 from core.preprocess import clahe, letterbox_box, load_gray, resize, to_gray, to_uint8
@@ -322,7 +323,9 @@ _DEFAULT_LOCK = threading.Lock()
 
 @functools.lru_cache(maxsize=1)
 def _load_default() -> LungSegmenter:
-    return LungSegmenter.load(DEFAULT_SEGMENTER_PATH)
+    segmenter = LungSegmenter.load(DEFAULT_SEGMENTER_PATH)
+    release_free_memory()  # the file's tensors, read once per process, are garbage now
+    return segmenter
 
 
 def default_segmenter() -> LungSegmenter:
