@@ -198,7 +198,13 @@ from core.inference import Predictor
 p = Predictor.from_checkpoint(sys.argv[1], device="cpu", backend=sys.argv[3])
 p.explain(open(sys.argv[2], "rb").read())
 gc.collect()
-print(json.dumps({"before": before, "after": rss_mb()}))
+after = rss_mb()
+paths = open(sys.argv[4]).read().split("\n") if len(sys.argv) > 4 else []
+for path in filter(None, paths):  # then many images: close calls, allocator growth
+    p.explain(open(path, "rb").read())
+p.predict_batch([open(q, "rb").read() for q in filter(None, paths)][:16])
+gc.collect()
+print(json.dumps({"before": before, "after": after, "steady": rss_mb(), "n": len(paths)}))
 """
 
 
@@ -425,9 +431,11 @@ def bench_infer(args: argparse.Namespace) -> int:
 
     if args.memory:
         env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        (tmp / "more.txt").write_text("\n".join(str(p) for p in paths[:30]))
         for b in backends:
             res = subprocess.run(
-                [sys.executable, "-c", _INFER_RSS_SCRIPT, str(ckpt_path), str(tmp / "sample.png"), b],
+                [sys.executable, "-c", _INFER_RSS_SCRIPT, str(ckpt_path), str(tmp / "sample.png"), b,
+                 str(tmp / "more.txt")],
                 capture_output=True, text=True, cwd=root, env=env, check=False)
             if res.returncode != 0:
                 print(f"infer: [{b}] memory measurement failed: {res.stderr.strip()[-300:]}")
@@ -435,7 +443,9 @@ def bench_infer(args: argparse.Namespace) -> int:
             m = json.loads(res.stdout.strip().splitlines()[-1])
             print(f"infer: [{b}] resident memory added by Predictor load + one explain in a fresh "
                   f"process: {m['after'] - m['before']:.0f} MB (after import torch, torchvision: "
-                  f"{m['before']:.0f} MB; target <= 300 MB)")
+                  f"{m['before']:.0f} MB; target <= 300 MB)"
+                  + (f"; after {m['n']} more explains and a batch of 16: "
+                     f"{m['steady'] - m['before']:.0f} MB" if m["n"] else ""))
     return 0
 
 

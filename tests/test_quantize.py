@@ -283,3 +283,22 @@ def test_cli_help_and_a_missing_run(tmp_path: Path, real_dir: Path) -> None:
                           "--data-dir", str(real_dir)], cwd=ROOT, capture_output=True, text=True,
                          check=False)
     assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_bench_infer_prints_every_figure(real_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m core.bench infer`` end to end on a small random-init ResNet50 (64 px): the
+    five figures of the inference targets for the fp32 and int8 backends, and the memory
+    after many images as well as after one."""
+    from core import bench
+
+    rc = bench.main(["infer", "--img-size", "64", "--data-dir", str(real_dir), "--backends",
+                     "jit,int8", "--repeats", "2", "--batches", "1", "--agreement-limit", "16",
+                     "--calibration-images", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for b in ("jit", "int8"):
+        for figure in ("predict p50", "predict + Grad-CAM + overlay p50", "throughput",
+                       "top-1 agreement", "resident memory added", "more explains"):
+            assert any(f"[{b}]" in line and figure in line for line in out.splitlines()), (b, figure)
+    assert "predictors timed on 16 distinct real X-rays" in out
