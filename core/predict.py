@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from core import gradcam
 from core.errors import CXRError, InvalidImageError
 from core.imaging import accepted_extensions
+from core.inference import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    g.add_argument("--backend", default="auto", choices=("auto", "eager", "fused", "jit", "int8"),
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="network variant (core.inference.BACKENDS; default auto: the fastest "
                         "for the device, the run's int8 network on CPUs without native bf16; "
                         "jit: the exact fp32 network)")
