@@ -376,8 +376,8 @@ def calibrate_run_int8(
                              "observers": calibrate(trunk, batches, engine),
                              "calibration_images": len(calib_rows)}
     candidate = dict(ckpt, **{KEY: state})
-    reference = Predictor(ckpt, device="cpu", backend="jit")
-    int8 = Predictor(candidate, device="cpu", backend="int8")
+    reference = Predictor(ckpt, device="cpu", backend="jit", precision="fp32")
+    int8 = Predictor(candidate, device="cpu", backend="int8", precision="fp32")
     if int8.backend != "int8":
         raise QuantizationError("The int8 network could not be built here; see the log.")
     val_rows = _sample(splits["val"], agreement_images, seed)

@@ -165,3 +165,27 @@ def test_train_real_from_scratch_learns(trained_run):
     acc = report["overall"]["accuracy"]["value"]
     assert acc >= 0.65, f"test accuracy {acc:.3f} is too close to chance (0.33)"
     assert ckpt["val_metrics"]["macro_f1"] >= 0.6
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_finishing_step_runs_at_each_precision(tmp_path, precision):
+    """Training's whole finish (calibration, test report, OOD statistics, int8 check) at
+    ``--precision fp32`` and ``bf16`` on this CPU, whichever kind it is: the bf16 path used to
+    fail on CPUs with native bf16 (``backend='jit' does not take bf16``), the fp32 path on
+    none. The default predictor then serves fp32 (or the checked int8 network) on every CPU,
+    and an explicit bf16 predictor still works."""
+    from core.inference import Predictor
+
+    data = make_dataset(tmp_path / "ds", per_class=16)
+    best = fit(tiny_cfg(data, tmp_path / "run", epochs=1, precision=precision, evaluate=True,
+                        int8=True), progress=False)
+    assert (best.parent / "report" / "metrics.json").is_file()
+    ckpt = load_checkpoint(best)
+    assert ckpt.get("ood") is not None and ckpt.get("temperature") is not None
+    default = Predictor.from_checkpoint(best, device="cpu")
+    assert default.amp_dtype is None  # the same answer on CPUs with and without native bf16
+    assert default.backend in ("jit", "int8")
+    explicit = Predictor.from_checkpoint(best, device="cpu", backend="fused", precision="bf16")
+    assert explicit.amp_dtype == torch.bfloat16
+    image = next((data / "A").glob("*.png")).read_bytes()
+    assert set(explicit.predict(image).probabilities) == set(default.classes)
