@@ -1,7 +1,9 @@
 """UI glue: the only module of ``core`` that imports Streamlit.
 
 Cached loaders (a predictor is loaded once per process and shared by every session;
-reports are cached by path and modification time) and small shared widgets.
+run artefacts are cached by path and modification time) and the small shared widgets that
+every page uses: the disclaimer, the run picker, KPI cards with confidence intervals and the
+empty states that stop a page with guidance instead of a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +19,23 @@ DISCLAIMER = (
     "Research and education only. CXR Insight is not a medical device and must not be used "
     "for diagnosis or treatment decisions."
 )
+TRAIN_COMMAND = "python -m core.train --data-dir <dataset> --output models/<run>"
+
+# One colour per class on every page: the Okabe-Ito palette (colour-blind safe).
+CLASS_COLOURS = {
+    "COVID": "#D55E00",  # vermillion
+    "Lung_Opacity": "#E69F00",  # orange
+    "Normal": "#0072B2",  # blue
+    "Viral Pneumonia": "#009E73",  # bluish green
+}
+_SPARE_COLOURS = ("#CC79A7", "#56B4E9", "#F0E442", "#000000", "#999999")
+
+
+def class_colours(classes: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """The colour of each class: the database's classes keep theirs, others take the rest of
+    the palette in order."""
+    spare = iter(c for c in _SPARE_COLOURS)
+    return {c: CLASS_COLOURS.get(c) or next(spare, "#999999") for c in classes}
 
 
 def disclaimer() -> None:
@@ -41,11 +60,68 @@ def available_runs(models_dir: str) -> list[runs.RunInfo]:
     return runs.list_runs(models_dir)
 
 
-def pick_run(models_dir: str | Path | None = None) -> runs.RunInfo | None:
-    """Sidebar run selector; None when no run exists yet."""
+@st.cache_data(show_spinner=False, max_entries=16)
+def _load_run(path: str, stamp: tuple[float, ...]) -> runs.RunArtifacts:
+    """``stamp`` (the files' modification times) is part of the key: a rewritten file is
+    read again."""
+    return runs.load_run(path)
+
+
+def _stamp(run_dir: Path) -> tuple[float, ...]:
+    files = ("best.pt", "run.json", "config.json", "history.json", "dataset.json", "int8.json",
+             "report/metrics.json", "report/predictions.csv")
+    return tuple((run_dir / f).stat().st_mtime if (run_dir / f).exists() else 0.0 for f in files)
+
+
+def pick_run(models_dir: str | Path | None = None) -> runs.RunArtifacts | None:
+    """Sidebar run selector (shared by every page through ``st.session_state['run']``);
+    None when no run exists yet."""
     found = available_runs(str(models_dir or runs.models_dir()))
     if not found:
         return None
     names = [r.name for r in found]
-    choice = st.sidebar.selectbox("Model run", names, index=0, key="run")
-    return found[names.index(choice)]
+    if st.session_state.get("run") not in names:
+        st.session_state["run"] = names[0]
+    choice = st.sidebar.selectbox("Model run", names, key="run",
+                                  help="Runs found under models/, newest first.")
+    info = found[names.index(choice)]
+    return _load_run(str(info.path), _stamp(info.path))
+
+
+def require_run() -> runs.RunArtifacts:
+    """The selected run, or guidance and ``st.stop()`` when there is none."""
+    run = pick_run()
+    if run is None:
+        st.info(f"No trained model yet. Train one with `{TRAIN_COMMAND}`; it appears here when "
+                "`models/<run>/best.pt` exists.")
+        st.stop()
+    return run
+
+
+def require_report(run: runs.RunArtifacts) -> dict[str, Any]:
+    """The run's evaluation report, or guidance and ``st.stop()`` when it has none."""
+    if run.report is None:
+        st.info(f"Run **{run.name}** has no evaluation report yet. Write it with "
+                f"`python -m core.evaluate --checkpoint {run.checkpoint}`.")
+        st.stop()
+    return run.report
+
+
+def fmt_metric(item: Any, pct: bool = False) -> str:
+    """A report metric ``{value, ci95}`` as text: ``0.912 [0.871, 0.945]``."""
+    value = item.get("value") if isinstance(item, dict) else item
+    if value is None:
+        return "undefined"
+    f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+    ci = item.get("ci95") if isinstance(item, dict) else None
+    return f"{f(value)} [{f(ci[0])}, {f(ci[1])}]" if ci else f(value)
+
+
+def kpi(column: Any, label: str, item: Any, pct: bool = False, help: str | None = None) -> None:
+    """A KPI card: the value, and its 95% CI underneath."""
+    value = item.get("value") if isinstance(item, dict) else item
+    ci = item.get("ci95") if isinstance(item, dict) else None
+    f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+    column.metric(label, "undefined" if value is None else f(value), help=help)
+    if ci:
+        column.caption(f"95% CI {f(ci[0])} – {f(ci[1])}")

@@ -86,3 +86,46 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           early_stop_patience=6, seed=0),
     )
     return fit(cfg, progress=False)
+
+
+SMALL_CLASSES = ("COVID", "Normal", "Viral Pneumonia")
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete small run, built once per pytest run in seconds, with no real data needed:
+    a ResNet18 trained for 2 epochs at 64 px on synthetic images laid out like the database
+    (three of its classes), with every finishing step (calibration, test report, OOD and
+    int8 statistics). For tests of what is shown, not of what is learnt. Returns the run
+    folder, ``<tmp>/models/small``: point ``CXR_MODELS_DIR`` at its parent. Don't modify it.
+    """
+    from core.config import DataConfig, PreprocessConfig, RunConfig, TrainConfig
+    from core.train import fit
+
+    base = tmp_path_factory.mktemp("small")
+    data = make_dataset(base / "data", per_class=20, classes=SMALL_CLASSES, layout="database",
+                        size=96)
+    cfg = RunConfig(
+        data=DataConfig(data_dir=str(data)),
+        preprocess=PreprocessConfig(img_size=64),
+        train=TrainConfig(output=str(base / "models" / "small"), arch="resnet18", weights="none",
+                          epochs=2, batch_size=16, lr=1e-3, backbone_lr_mult=1.0, seed=0,
+                          precision="fp32"),
+    )
+    return fit(cfg, progress=False).parent
+
+
+@pytest.fixture
+def small_models(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``CXR_MODELS_DIR`` pointed at the folder holding ``small_run``; returns the run."""
+    monkeypatch.setenv("CXR_MODELS_DIR", str(small_run.parent))
+    return small_run
+
+
+@pytest.fixture
+def no_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``CXR_MODELS_DIR`` pointed at an empty folder: every page's empty state."""
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    monkeypatch.setenv("CXR_MODELS_DIR", str(empty))
+    return empty
