@@ -182,3 +182,13 @@ def tornado_chart(bars: list[Any], base_npv: float, swing: float = 0.3) -> Any:
                              "tickformat": "$.3~s", "tickfont": axis_font},
                       yaxis={"autorange": "reversed", "tickfont": axis_font, "automargin": True})
     return fig
+
+
+def change_metric(column: Any, label: str, value: float, baseline: float,
+                  help: str | None = None) -> None:
+    """A count per 1,000 reads with its change against ``baseline`` (fewer is better: green
+    down, red up; grey when unchanged at one decimal)."""
+    delta = round(value - baseline, 1)
+    column.metric(label, f"{value:.1f}", delta=f"{delta:+.1f}" if delta else "no change",
+                  delta_color="inverse" if delta else "off",
+                  delta_arrow="auto" if delta else "off", help=help)

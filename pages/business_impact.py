@@ -30,10 +30,11 @@ else:
     stored = float(op["threshold"]) if op.get("class") == cls else 0.5
     left, right = st.columns([2, 3])
     threshold = left.slider(
-        f"{cls} threshold", 0.0, 1.0, stored, 0.01, key=f"roi_threshold_{run.name}",
-        help=f"An image counts as {cls} when its calibrated probability is at least this. "
-             + (f"The run's stored operating point is {stored:.3f}." if op.get("class") == cls
-                else "The run has no stored operating point for this class."))
+        f"{cls} threshold", 0.0, 1.0, stored, 0.01, format="%.3f",
+        key=f"roi_threshold_{run.name}",
+        help=f"An image counts as {cls} when its calibrated probability is at least this.")
+    left.caption(f"The run's stored operating point: {stored:.4g}." if op.get("class") == cls
+                 else f"The run has no stored operating point for {cls}; 0.5 to start.")
     try:
         rates = roi.model_rates(run.predictions, run.classes, cls, threshold)
     except ConfigError as err:
@@ -47,7 +48,7 @@ else:
 
 model_specs = roi.input_fields("Model")
 if rates is None:
-    cols = st.columns(len(model_specs))
+    cols = st.columns(4)[:len(model_specs)]
     rates = tuple(ui.roi_input(c, s) for c, s in zip(cols, model_specs, strict=True))
 
 # -- the other inputs, built from core.roi's field metadata
@@ -90,14 +91,13 @@ st.markdown("**Per 1,000 reads**")
 c = st.columns(4)
 c[0].metric("Missed cases without AI", f"{result.missed_without:.1f}",
             help="1,000 × prevalence × (1 − reader sensitivity).")
-c[1].metric("Missed cases with AI", f"{result.missed_with:.1f}",
-            delta=f"{result.missed_with - result.missed_without:+.1f}", delta_color="inverse",
-            help="1,000 × prevalence × (1 − sensitivity with AI).")
+ui.change_metric(c[1], "Missed cases with AI", result.missed_with, result.missed_without,
+                 help="1,000 × prevalence × (1 − sensitivity with AI).")
 c[2].metric("False alarms without AI", f"{result.false_alarms_without:.1f}",
             help="1,000 × (1 − prevalence) × (1 − reader specificity).")
-c[3].metric("False alarms with AI", f"{result.false_alarms_with:.1f}",
-            delta=f"{result.false_alarms_with - result.false_alarms_without:+.1f}",
-            delta_color="inverse", help="1,000 × (1 − prevalence) × (1 − specificity with AI).")
+ui.change_metric(c[3], "False alarms with AI", result.false_alarms_with,
+                 result.false_alarms_without,
+                 help="1,000 × (1 − prevalence) × (1 − specificity with AI).")
 c = st.columns(4)
 c[0].metric("Break-even daily volume", roi.fmt_volume(result.break_even_volume),
             help="The daily volume at which the NPV is zero.")

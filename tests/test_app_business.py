@@ -113,6 +113,11 @@ def test_without_a_model_the_calculator_takes_manual_rates(no_models):
     got = shown(at)
     assert {k: got[k] for k in expected(roi.evaluate(roi.RoiInputs()))} == \
         expected(roi.evaluate(roi.RoiInputs()))
+    # defaults: missed 1000 x 0.1 x (1 - 0.9) = 10 with AI vs 1000 x 0.1 x 0.15 = 15 without;
+    # false alarms 1000 x 0.9 x 0.1 = 90 both ways
+    deltas = {m.label: m.delta for m in at.metric}
+    assert deltas["Missed cases with AI"] == "-5.0"
+    assert deltas["False alarms with AI"] == "no change"
     at.number_input(key="roi_sensitivity").set_value(0.6).run()
     at.number_input(key="roi_minutes_with").set_value(6.0).run()
     assert not at.exception
