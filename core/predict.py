@@ -23,6 +23,7 @@ import logging
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -30,6 +31,10 @@ from core import gradcam
 from core.errors import CXRError, InvalidImageError
 from core.imaging import accepted_extensions
 from core.inference import BACKENDS
+
+if TYPE_CHECKING:
+    from core.audit import AuditLog, ModelIdentity
+    from core.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +137,30 @@ def _row(path: Path, classes: Sequence[str], pred: object = None, heatmap: str =
     return row
 
 
+def _audit_log(predictor: Predictor) -> tuple[AuditLog, ModelIdentity | None, str]:
+    """The deployment's audit log (``core.audit``), the model's identity and this batch's id."""
+    from core.audit import AuditLog, ModelIdentity, new_session_id
+
+    audit = AuditLog.from_env()
+    if not audit.enabled:
+        log.warning("The audit log is off in this deployment (CXR_AUDIT=0): these predictions "
+                    "are not recorded.")
+        return audit, None, ""
+    return audit, ModelIdentity.from_predictor(predictor), new_session_id()
+
+
+def _audit_summary(audit: AuditLog) -> None:
+    """Say what could not be written to the audit database (spooled or lost)."""
+    c = audit.counters
+    if c.spooled:
+        log.warning("Audit log: %d record(s) were written to the local spool %s because the "
+                    "database was unavailable; they are replayed when it is back "
+                    "(python -m core.audit replay).", c.spooled, audit.spool.path)
+    if c.failed:
+        log.error("Audit log: %d record(s) could not be recorded at all (see above).", c.failed)
+    audit.close()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
@@ -156,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for note in predictor.notes:
         log.warning("%s", note)
+    audit, audit_model, batch_id = _audit_log(predictor)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=csv_fields(classes, heat_dir is not None),
@@ -171,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 results = predictor.predict_batch(paths, on_error="return")
             for (path, root), res in zip(chunk, results, strict=True):
+                audit.record_result(res, input=path, name=path.name, source="cli",
+                                    model=audit_model, session_id=batch_id)
                 if isinstance(res, InvalidImageError):
                     failed += 1
                     writer.writerow(_row(path, classes, error=str(res)))
@@ -186,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(len(chunk))
         bar.close()
     tmp.replace(out)
+    _audit_summary(audit)
     log.info("Wrote %d rows to %s (%d predicted, %d failed)%s", len(files), out,
              len(files) - failed, failed,
              f"; heatmaps in {heat_dir}" if heat_dir is not None else "")

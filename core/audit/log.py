@@ -564,6 +564,25 @@ class AuditLog:
                           source=source, session_id=session_id, user=user, names=names)
         return self.write(row)
 
+    def record_result(self, result: Any, *, input: Any, source: str,
+                      model: ModelIdentity | None, session_id: str | None = None,
+                      user: str | None = None, name: str | None = None,
+                      fmt: str | None = None) -> AuditResult:
+        """One call per image for what a :class:`core.inference.Predictor` gave: a
+        ``Prediction``, an ``Explanation`` (its prediction and lung focus are recorded) or the
+        exception in the image's place (``on_error="return"``): a refusal."""
+        if not self.enabled:
+            return AuditResult(AuditStatus.OFF)
+        if isinstance(result, BaseException):
+            return self.record_refusal(result, input=input, source=source, model=model,
+                                       session_id=session_id, user=user, name=name)
+        if model is None:
+            raise ValueError("record_result needs the ModelIdentity of the predictor")
+        prediction = getattr(result, "prediction", result)
+        return self.record_prediction(prediction, model=model, input=input, source=source,
+                                      session_id=session_id, user=user, fmt=fmt, name=name,
+                                      lung_focus=getattr(result, "lung_focus", None))
+
     def predict(self, predictor: Any, data: bytes, *, model: ModelIdentity,
                 source: str = "api", session_id: str | None = None, user: str | None = None,
                 name: str | None = None) -> tuple[Any, AuditResult]:
@@ -619,8 +638,8 @@ class AuditLog:
                                "the administrator.")
         with self._lock:
             self.counters.spooled += len(rows)
-        log.warning("Audit database unavailable (%s): %d record(s) spooled to %s",
-                    self._last_error, len(rows), self.spool.path)
+        log.info("Audit database unavailable (%s): %d record(s) spooled to %s",
+                 self._last_error, len(rows), self.spool.path)
         return AuditResult(AuditStatus.SPOOLED, first,
                            "The audit database is unavailable, so this prediction was recorded "
                            "in the local spool file instead; it will be written to the "
@@ -631,10 +650,11 @@ class AuditLog:
         return down is None or time.monotonic() - down >= self.retry_after_s
 
     def _mark_down(self, err: BaseException) -> None:
-        text = _error_text(err)
+        text = error_text(err)
         with self._lock:
             if self._down_since is None or self._last_error != text:
-                log.warning("Audit database %s unavailable: %s", self.database, text)
+                log.warning("Audit database %s unavailable: %s; records go to the spool %s "
+                            "until it is back", self.database, text, self.spool.path)
             self._down_since = time.monotonic()
             self._last_error = text
 
@@ -751,7 +771,7 @@ def _insert_stmt(engine: Engine) -> Any:
     return dialect_insert(records).on_conflict_do_nothing(index_elements=["id"])
 
 
-def _error_text(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
     """A short reason (the driver's first line; never the statement's parameters)."""
     orig = getattr(err, "orig", None)
     base = orig if orig is not None else err
