@@ -8,6 +8,7 @@ is trained once per test session (``trained_run``) and reused by every real-data
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,13 @@ REAL_DIR = SHARED / "cxr-real"
 MASKS_DIR = SHARED / "lung-masks"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The audit log (core.audit) never writes into the user's data folder or a deployment's database
+# from a test: the session gets a data folder of its own, and tests that want a database or the
+# off switch set CXR_DB_URL / CXR_AUDIT themselves.
+for _var in ("CXR_DB_URL", "CXR_AUDIT", "CXR_AUDIT_SPOOL", "CXR_AUDIT_SYNC"):
+    os.environ.pop(_var, None)
+os.environ["CXR_DATA_HOME"] = tempfile.mkdtemp(prefix="cxr-test-data-")
 
 
 def require_real() -> Path:

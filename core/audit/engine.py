@@ -6,7 +6,8 @@
   ``%LOCALAPPDATA%\\cxr-insight`` on Windows; ``CXR_DATA_HOME`` overrides the folder),
   created on first use. For a shared deployment, PostgreSQL through psycopg 3:
   ``postgresql+psycopg://user:password@host:5432/cxr`` (``postgresql://`` is taken as psycopg 3
-  too).
+  too); connections time out after 3 s and statements after 10 s, so that a server that is
+  down or hangs costs a prediction seconds at most (the record is then spooled).
 * SQLite runs in WAL mode (readers never block the writer), a 30 s busy timeout, and write
   transactions that start with ``BEGIN IMMEDIATE`` (the write lock is taken at the start, so
   concurrent writers queue instead of failing half-way). ``synchronous=NORMAL`` by default:
@@ -40,6 +41,7 @@ SPOOL_FILE = "audit-spool.jsonl"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 PG_CONNECT_TIMEOUT_S = 3
+PG_STATEMENT_TIMEOUT_S = 10.0
 SQLITE_SYNC = ("NORMAL", "FULL")
 
 
@@ -104,10 +106,20 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
                                              "check_same_thread": False})
         _sqlite_settings(engine)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True,
-                         hide_parameters=True,
-                         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S,
-                                       "application_name": APP_NAME})
+    engine = create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True,
+                           hide_parameters=True,
+                           connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S,
+                                         "application_name": APP_NAME})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # A server that hangs (a lock held, a full disk) must not hang the prediction: the
+        # statement fails, and the record is spooled.
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET statement_timeout = {int(PG_STATEMENT_TIMEOUT_S * 1000)}")
+        dbapi_conn.commit()
+
+    return engine
 
 
 def sqlite_sync() -> str:

@@ -356,6 +356,7 @@ def _to_json(row: dict[str, Any]) -> str:
 
 
 _COLUMNS = {c.name for c in records.columns}
+_EMPTY_ROW: dict[str, Any] = dict.fromkeys(sorted(_COLUMNS))
 
 
 def _from_json(line: bytes) -> dict[str, Any]:
@@ -363,7 +364,12 @@ def _from_json(line: bytes) -> dict[str, Any]:
     if not isinstance(row, dict) or not row.get("id") or set(row) - _COLUMNS:
         raise ValueError("not an audit record")
     row["created_at"] = dt.datetime.fromisoformat(row["created_at"])
-    return row
+    return _complete(row)
+
+
+def _complete(row: dict[str, Any]) -> dict[str, Any]:
+    """Every column present (None where not given): one statement serves mixed batches."""
+    return {**_EMPTY_ROW, **row}
 
 
 # ---------------------------------------------------------------- the spool file
@@ -609,7 +615,7 @@ class AuditLog:
         """Commit records in one transaction (batch logging), else spool them all."""
         if not self.enabled:
             return AuditResult(AuditStatus.OFF)
-        rows = list(rows)
+        rows = [_complete(r) for r in rows]
         first = rows[0]["id"] if rows else None
         if self._should_try():
             try:
