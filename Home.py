@@ -18,6 +18,7 @@ navigation = st.navigation({
     "Use": [
         st.Page("pages/clinical_predictions.py", title="Clinical Predictions", icon="🩻"),
         st.Page("pages/business_impact.py", title="Business Impact", icon="💼"),
+        st.Page("pages/audit.py", title="Audit", icon="🧾"),
     ],
 })
 navigation.run()
