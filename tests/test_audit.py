@@ -741,3 +741,27 @@ def test_model_identity_from_a_predictor(small_run):
     assert ident.threshold == (float(op["threshold"]) if op else None)
     again = ModelIdentity.from_predictor(predictor)
     assert again == ident  # stable
+
+
+def test_an_api_caller_opts_in_with_audit_predict(small_run, tmp_path):
+    from core.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(small_run / "best.pt")
+    model = ModelIdentity.from_predictor(predictor)
+    log = AuditLog(f"sqlite:///{tmp_path / 'a.db'}", spool_path=tmp_path / "s.jsonl")
+    data = png_bytes(4)
+    prediction, result = log.predict(predictor, data, model=model, session_id="job-1")
+    assert result.status is AuditStatus.WRITTEN
+    assert prediction == predictor.predict(data)
+    with pytest.raises(InvalidImageError):
+        log.predict(predictor, b"Zyxwv not an image", model=model, name="Zyxwv.png")
+    df = query.load_records(log.engine).sort_values("created_at")
+    assert list(df["kind"]) == ["prediction", "refusal"] and set(df["source"]) == {"api"}
+    row = df.iloc[0]
+    assert row["predicted_class"] == prediction.label and row["decision"] == prediction.decision
+    assert row["confidence"] == pytest.approx(prediction.confidence)
+    assert [row[f"prob_{c}"] for c in predictor.classes] == pytest.approx(
+        [prediction.probabilities[c] for c in predictor.classes])
+    assert (row["height"], row["width"]) == prediction.original_size
+    assert row["precision"] == prediction.network
+    assert "Zyxwv" not in dump_database(log.url)
