@@ -224,8 +224,17 @@ def _file_sha256(path: Path) -> str:
     with _HASH_LOCK:
         if key not in _HASH_CACHE:
             with path.open("rb") as fh:
-                _HASH_CACHE[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+                _HASH_CACHE[key] = _sha256_stream(fh)
         return _HASH_CACHE[key]
+
+
+def _sha256_stream(fh: Any) -> str:
+    """SHA-256 of a binary file object, read in 1 MiB blocks (``hashlib.file_digest`` is
+    Python 3.11+)."""
+    h = hashlib.sha256()
+    while block := fh.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
 
 
 def _run_id(checkpoint: Path) -> str:
@@ -269,7 +278,7 @@ def describe_input(source: bytes | bytearray | memoryview | str | os.PathLike[st
             with path.open("rb") as fh:
                 head = fh.read(132)
                 fh.seek(0)
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                digest = _sha256_stream(fh)
         except OSError:
             return None, None
         return digest, sniff_format(head, name or path.name)
