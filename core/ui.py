@@ -125,3 +125,155 @@ def kpi(column: Any, label: str, item: Any, pct: bool = False, help: str | None 
     column.metric(label, "undefined" if value is None else f(value), help=help)
     if ci:
         column.caption(f"95% CI {f(ci[0])} – {f(ci[1])}")
+
+
+# ---- use & explain ----
+# Clinical Predictions, Explainability and Data Explorer: the predictor with an error
+# instead of a traceback, per-upload results cached in the session by content hash, cached
+# dataset reads, and the Plotly charts those pages share.
+
+_ANALYSES_KEY = "_use_analyses"
+_CASES_KEY = "_explain_cases"
+_CHART_FONT = {"size": 15}
+
+
+def predictor_or_stop(run: runs.RunArtifacts) -> Any:
+    """The run's shared predictor, or an actionable error and ``st.stop()``."""
+    from core.errors import CXRError
+
+    try:
+        return load_predictor(str(run.checkpoint))
+    except CXRError as exc:
+        st.error(f"The model of run **{run.name}** cannot be loaded: {exc}")
+        st.stop()
+
+
+def _run_key(run: runs.RunArtifacts) -> str:
+    ckpt = Path(run.checkpoint)
+    return f"{ckpt}:{ckpt.stat().st_mtime if ckpt.exists() else 0}"
+
+
+def analyse_uploads(predictor: Any, run: runs.RunArtifacts,
+                    files: list[Any]) -> list[tuple[str, Any]]:
+    """(file name, ``core.clinical.Analysis`` or the ``InvalidImageError``) per upload, in
+    order. Results are kept in the session keyed by the run and the file's content hash, so
+    a rerun (a slider moved) does not run the network again; entries of files no longer
+    uploaded are dropped. The bytes stay in memory."""
+    from core import clinical
+    from core.errors import InvalidImageError
+
+    cache: dict[tuple[str, str], Any] = st.session_state.setdefault(_ANALYSES_KEY, {})
+    run_key = _run_key(run)
+    out, keep = [], set()
+    for f in files:
+        data = f.getvalue()
+        key = (run_key, clinical.content_key(data))
+        keep.add(key)
+        if key not in cache:
+            try:
+                cache[key] = clinical.analyse(predictor, f.name, data)
+            except InvalidImageError as exc:
+                cache[key] = exc
+        out.append((f.name, cache[key]))
+    for stale in set(cache) - keep:
+        del cache[stale]
+    return out
+
+
+def explain_case(predictor: Any, run: runs.RunArtifacts, path: Path, method: str, layer: str,
+                 target: str | None) -> Any:
+    """``core.clinical.analyse`` of one dataset image under a CAM method, layer and target,
+    kept in the session (the last 16), so the opacity slider does not recompute."""
+    from core import clinical
+
+    cache: dict[tuple[Any, ...], Any] = st.session_state.setdefault(_CASES_KEY, {})
+    key = (_run_key(run), str(path), method, layer, target)
+    if key not in cache:
+        with st.spinner(f"Computing {method} at {layer}…"):
+            cache[key] = clinical.analyse(predictor, path.name, path.read_bytes(), method,
+                                          layer, target)
+        while len(cache) > 16:
+            del cache[next(iter(cache))]
+    return cache[key]
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def thumbnail(path: str, size: int = 192) -> Any:
+    from core import explore
+
+    return explore.thumbnail(path, size)
+
+
+@st.cache_data(show_spinner="Reading images…", max_entries=8)
+def intensity_histograms(data_dir: str, paths_by_class: dict[str, list[str]]) -> Any:
+    from core import explore
+
+    return explore.intensity_histograms(Path(data_dir), paths_by_class)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def image_sizes(data_dir: str | None, paths_by_class: dict[str, list[str]] | None,
+                dataset: dict[str, Any] | None) -> Any:
+    from core import explore
+
+    return explore.image_sizes(Path(data_dir) if data_dir else None, paths_by_class, dataset)
+
+
+@st.cache_data(show_spinner="Preprocessing…", max_entries=32)
+def preprocessing_steps(path: str, cfg: Any) -> Any:
+    """``core.preview.preprocessing_steps`` of a dataset image under a ``PreprocessConfig``."""
+    from core import preview
+    from core.preprocess import load_gray
+
+    return preview.preprocessing_steps(load_gray(path), cfg)
+
+
+def _style(fig: Any, height: int = 360) -> Any:
+    fig.update_layout(font=_CHART_FONT, height=height, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      legend_title_text="", plot_bgcolor="white")
+    fig.update_xaxes(showgrid=False)
+    fig.update_yaxes(gridcolor="#e5e5e5")
+    return fig
+
+
+def probability_chart(probabilities: dict[str, float], classes: list[str],
+                      operating_point: dict[str, Any] | None = None) -> Any:
+    """Horizontal bars of the calibrated probabilities, one colour per class; the operating
+    point's threshold as a dashed line on its class."""
+    import plotly.graph_objects as go
+
+    colours = class_colours(classes)
+    values = [float(probabilities[c]) for c in classes]
+    fig = go.Figure(go.Bar(x=values, y=[c.replace("_", " ") for c in classes], orientation="h",
+                           marker_color=[colours[c] for c in classes],
+                           text=[f"{v:.1%}" for v in values], textposition="outside",
+                           cliponaxis=False, hovertemplate="%{y}: %{x:.1%}<extra></extra>"))
+    if operating_point and operating_point.get("class") in classes:
+        t = float(operating_point["threshold"])
+        fig.add_vline(x=t, line_dash="dash", line_color="#333333",
+                      annotation_text=f"{operating_point['class']} threshold {t:.2f}",
+                      annotation_position="top")
+    fig.update_xaxes(range=[0, 1.15], tickformat=".0%", title="Calibrated probability")
+    fig.update_yaxes(autorange="reversed", title="")
+    return _style(fig, height=90 + 48 * len(classes))
+
+
+def class_bars(df: Any, x: str, y: str, classes: list[str], title: str, *,
+               barmode: str = "group", horizontal: bool = False, height: int = 360) -> Any:
+    """Bars of ``df`` coloured by its ``class`` column (one colour per class)."""
+    import plotly.express as px
+
+    colours = {**class_colours(classes), "all": "#555555"}
+    args = {"x": y, "y": x, "orientation": "h"} if horizontal else {"x": x, "y": y}
+    fig = px.bar(df, color="class", color_discrete_map=colours, barmode=barmode, title=title,
+                 category_orders={"class": [*classes, "all"]}, text_auto=True, **args)
+    return _style(fig, height)
+
+
+def class_lines(df: Any, x: str, y: str, classes: list[str], title: str) -> Any:
+    import plotly.express as px
+
+    fig = px.line(df, x=x, y=y, color="class", color_discrete_map=class_colours(classes),
+                  category_orders={"class": classes}, title=title)
+    fig.update_traces(line_width=3)
+    return _style(fig)
