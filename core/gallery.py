@@ -16,11 +16,10 @@ from core.clinical import LOW_LUNG_FOCUS
 
 ALL = "All"
 OUTCOMES = (ALL, "Correct", "Wrong")
-CAM_LABELS = {
-    "gradcam": "Grad-CAM (fast: from the forward pass at layer4)",
-    "gradcam++": "Grad-CAM++ (weights pixels by higher-order gradients)",
-    "eigencam": "EigenCAM (class-agnostic: first principal component)",
-}
+CAM_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "eigencam": "EigenCAM"}
+CAM_HELP = ("Grad-CAM at layer4 comes from the forward pass itself (fast); at other layers "
+            "and for Grad-CAM++ (pixel-wise gradient weights) a backward pass runs. EigenCAM is "
+            "class-agnostic: the first principal component of the layer's activations.")
 
 HOW_TO_READ = """
 **How to read a heatmap.** Warm colours mark the image regions whose features raised the

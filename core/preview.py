@@ -52,25 +52,25 @@ def preprocessing_steps(gray: np.ndarray, cfg: PreprocessConfig,
     shipped segmenter's).
     """
     h, w = gray.shape
-    steps = [Step("Original", preprocess.to_uint8(gray), f"Original, {w} x {h} px")]
+    steps = [Step("Original", preprocess.to_uint8(gray), f"{w} x {h} px, as decoded")]
     view = preprocess.lung_view(gray, cfg, lung_mask)
     if view is not None:
-        caption = (f"Lung view '{cfg.lung_view}' fell back to the whole image: {view.reason}"
-                   if view.fallback else f"Lung view '{cfg.lung_view}': {view.reason}")
+        caption = (f"'{cfg.lung_view}' fell back to the whole image: {view.reason}"
+                   if view.fallback else f"'{cfg.lung_view}': {view.reason}")
         steps.append(Step("Lung view", preprocess.to_uint8(view.image), caption))
     plain = dataclasses.replace(cfg, clahe=False, lung_view="none")
     sized = preprocess.prepare(view.image if view is not None else gray, plain)
-    how = ("letterbox: longer side scaled, shorter side padded with black, aspect kept"
-           if cfg.resize_mode == "letterbox" else "stretch: aspect ratio not kept")
+    how = ("longer side scaled, shorter side padded with black (aspect ratio kept)"
+           if cfg.resize_mode == "letterbox" else "stretched (aspect ratio not kept)")
     steps.append(Step("Letterbox" if cfg.resize_mode == "letterbox" else "Resize", sized,
                       f"{cfg.img_size} x {cfg.img_size} px, {how}"))
     model_input = preprocess.prepare(gray, cfg, view=view)
     if cfg.clahe:
         steps.append(Step("CLAHE", model_input,
-                          f"CLAHE (clip {cfg.clahe_clip:g}, {cfg.clahe_tiles} x "
-                          f"{cfg.clahe_tiles} tiles): the model input"))
+                          f"local contrast equalisation, clip {cfg.clahe_clip:g}, "
+                          f"{cfg.clahe_tiles} x {cfg.clahe_tiles} tiles; the model input"))
     else:
-        steps[-1] = dataclasses.replace(steps[-1], caption=steps[-1].caption + ": the model input")
+        steps[-1] = dataclasses.replace(steps[-1], caption=steps[-1].caption + "; the model input")
     if view is None:
         steps.append(_lung_field_step(gray, cfg, model_input, lung_mask))
     return steps
@@ -84,12 +84,12 @@ def _lung_field_step(gray: np.ndarray, cfg: PreprocessConfig, model_input: np.nd
     why = lungs.implausible(mask)
     if why:
         return Step("Lung field", np.repeat(model_input[:, :, None], 3, axis=2),
-                    f"No plausible lung field found ({why})")
+                    f"no plausible lung field found ({why})")
     outlined = lungs.draw_lung_contour(model_input, preprocess.mask_to_input(mask, cfg),
                                        thickness=1)
     return Step("Lung field", outlined,
-                "Lung field (shipped segmenter), outlined on the model input: what the "
-                "lung-focus score compares the heatmap with; this run's model sees the whole image")
+                "the shipped segmenter's outline on the model input, what lung focus is "
+                "measured against (this run's model sees the whole image)")
 
 
 def display_contrast(image: np.ndarray, mode: str = DISPLAY_CONTRASTS[0]) -> np.ndarray:

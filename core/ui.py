@@ -134,7 +134,8 @@ def kpi(column: Any, label: str, item: Any, pct: bool = False, help: str | None 
 
 _ANALYSES_KEY = "_use_analyses"
 _CASES_KEY = "_explain_cases"
-_CHART_FONT = {"size": 15}
+_CHART_FONT = {"size": 15, "color": "#1f1f1f"}
+_TICK_FONT = {"size": 14, "color": "#1f1f1f"}
 
 
 def predictor_or_stop(run: runs.RunArtifacts) -> Any:
@@ -142,10 +143,24 @@ def predictor_or_stop(run: runs.RunArtifacts) -> Any:
     from core.errors import CXRError
 
     try:
-        return load_predictor(str(run.checkpoint))
+        predictor = load_predictor(str(run.checkpoint))
     except CXRError as exc:
         st.error(f"The model of run **{run.name}** cannot be loaded: {exc}")
         st.stop()
+    _warm_lung_segmenter()
+    return predictor
+
+
+@st.cache_resource(show_spinner="Loading the lung segmenter…")
+def _warm_lung_segmenter() -> bool:
+    """Load the shipped lung segmenter and run it once (its first call costs about a second),
+    so that the first upload is as fast as the next ones."""
+    import numpy as np
+
+    from core import lungs
+
+    lungs.default_segmenter().segment(np.zeros((256, 256), np.float32))
+    return True
 
 
 def _run_key(run: runs.RunArtifacts) -> str:
@@ -228,11 +243,18 @@ def preprocessing_steps(path: str, cfg: Any) -> Any:
     return preview.preprocessing_steps(load_gray(path), cfg)
 
 
-def _style(fig: Any, height: int = 360) -> Any:
-    fig.update_layout(font=_CHART_FONT, height=height, margin={"l": 10, "r": 10, "t": 40, "b": 10},
-                      legend_title_text="", plot_bgcolor="white")
-    fig.update_xaxes(showgrid=False)
-    fig.update_yaxes(gridcolor="#e5e5e5")
+def _style(fig: Any, height: int = 360, x_title: str | None = None,
+           y_title: str | None = None) -> Any:
+    """Legible defaults for a hospital screen: dark 14-15 px text, light grid, no legend title."""
+    fig.update_layout(font=_CHART_FONT, height=height, margin={"l": 10, "r": 10, "t": 48, "b": 10},
+                      legend_title_text="", legend_font=_TICK_FONT, plot_bgcolor="white",
+                      title_font={"size": 17, "color": "#1f1f1f"})
+    fig.update_xaxes(tickfont=_TICK_FONT, title_font=_CHART_FONT, gridcolor="#e5e5e5")
+    fig.update_yaxes(tickfont=_TICK_FONT, title_font=_CHART_FONT, gridcolor="#e5e5e5")
+    if x_title is not None:
+        fig.update_xaxes(title_text=x_title)
+    if y_title is not None:
+        fig.update_yaxes(title_text=y_title)
     return fig
 
 
@@ -247,33 +269,41 @@ def probability_chart(probabilities: dict[str, float], classes: list[str],
     fig = go.Figure(go.Bar(x=values, y=[c.replace("_", " ") for c in classes], orientation="h",
                            marker_color=[colours[c] for c in classes],
                            text=[f"{v:.1%}" for v in values], textposition="outside",
-                           cliponaxis=False, hovertemplate="%{y}: %{x:.1%}<extra></extra>"))
+                           textfont={"size": 15, "color": "#1f1f1f"}, cliponaxis=False,
+                           hovertemplate="%{y}: %{x:.1%}<extra></extra>"))
     if operating_point and operating_point.get("class") in classes:
         t = float(operating_point["threshold"])
-        fig.add_vline(x=t, line_dash="dash", line_color="#333333",
-                      annotation_text=f"{operating_point['class']} threshold {t:.2f}",
-                      annotation_position="top")
-    fig.update_xaxes(range=[0, 1.15], tickformat=".0%", title="Calibrated probability")
-    fig.update_yaxes(autorange="reversed", title="")
-    return _style(fig, height=90 + 48 * len(classes))
+        fig.add_vline(x=t, line_dash="dot", line_color="#555555", line_width=2,
+                      annotation_text=f"{operating_point['class']} threshold {t:.0%}",
+                      annotation_position="top", annotation_font=_TICK_FONT)
+    fig.update_xaxes(range=[0, 1.22], tickvals=[0, 0.25, 0.5, 0.75, 1.0], tickformat=".0%")
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    return _style(fig, 110 + 52 * len(classes), "Calibrated probability", "")
 
 
 def class_bars(df: Any, x: str, y: str, classes: list[str], title: str, *,
-               barmode: str = "group", horizontal: bool = False, height: int = 360) -> Any:
-    """Bars of ``df`` coloured by its ``class`` column (one colour per class)."""
+               labels: tuple[str, str] = ("", "Images"), barmode: str = "group",
+               horizontal: bool = False, height: int = 360) -> Any:
+    """Bars of ``df`` (category ``x``, value ``y``) coloured by its ``class`` column (one
+    colour per class); ``labels``: the axis titles of ``x`` and ``y``."""
     import plotly.express as px
 
     colours = {**class_colours(classes), "all": "#555555"}
     args = {"x": y, "y": x, "orientation": "h"} if horizontal else {"x": x, "y": y}
     fig = px.bar(df, color="class", color_discrete_map=colours, barmode=barmode, title=title,
                  category_orders={"class": [*classes, "all"]}, text_auto=True, **args)
-    return _style(fig, height)
+    fig.update_traces(textfont_size=14, insidetextfont_color="white")
+    if horizontal:
+        fig.update_yaxes(autorange="reversed")
+        return _style(fig, max(height, 240), labels[1], labels[0])
+    return _style(fig, height, labels[0], labels[1])
 
 
-def class_lines(df: Any, x: str, y: str, classes: list[str], title: str) -> Any:
+def class_lines(df: Any, x: str, y: str, classes: list[str], title: str,
+                labels: tuple[str, str] = ("", "")) -> Any:
     import plotly.express as px
 
     fig = px.line(df, x=x, y=y, color="class", color_discrete_map=class_colours(classes),
                   category_orders={"class": classes}, title=title)
     fig.update_traces(line_width=3)
-    return _style(fig)
+    return _style(fig, 380, *labels)

@@ -23,8 +23,8 @@ totals = counts.groupby("split", sort=False)["n"].sum()
 for col, (split, n) in zip(st.columns(len(totals) + 1), [*totals.items(), ("all", totals.sum())],
                            strict=True):
     col.metric(f"{split.capitalize()} images", f"{n:,}")
-st.plotly_chart(ui.class_bars(counts, "split", "n", classes, "Images per split"),
-                key="counts")
+st.plotly_chart(ui.class_bars(counts, "split", "n", classes, "Images per split and class",
+                             labels=("Split", "Images")), key="counts")
 if not run.dataset:
     st.caption("Counted from `manifest.csv` (this run has no `dataset.json`).")
 
@@ -75,7 +75,8 @@ else:
     st.subheader("Intensity histograms per class")
     hist = ui.intensity_histograms(str(data_dir), samples)
     st.plotly_chart(ui.class_lines(hist, "intensity", "share", classes,
-                                   "Pixel intensities (up to 40 images per class)"),
+                                   "Pixel intensities (up to 40 images per class)",
+                                   ("Intensity (0 = black, 1 = white)", "Share of pixels")),
                     key="hist")
     st.caption("Grayscale as the preprocessing contract reads it, before resizing and CLAHE. "
                "Classes that differ in exposure or borders can be told apart without any "
@@ -92,8 +93,8 @@ else:
     title = ("Image sizes per class (sampled images)" if have_images
              else "Image sizes, all classes (dataset.json)")
     st.plotly_chart(ui.class_bars(top, "size", "n", classes, title, barmode="stack",
-                                  horizontal=True, height=140 + 24 * top["size"].nunique()),
-                    key="sizes")
+                                  labels=("Width x height (px)", "Images"), horizontal=True,
+                                  height=140 + 28 * top["size"].nunique()), key="sizes")
 if dataset.get("bit_depths"):
     st.caption("Bit depths: " + ", ".join(f"{n:,} images at {b}-bit"
                                           for b, n in dataset["bit_depths"].items()))
@@ -101,9 +102,11 @@ if dataset.get("bit_depths"):
 st.subheader("Image sources per class")
 src = explore.sources(run)
 if src["available"]:
-    st.plotly_chart(ui.class_bars(explore.sources_frame(src["per_class"]), "source", "n",
-                                  classes, "Images per source", barmode="stack",
-                                  horizontal=True), key="sources")
+    per_source = explore.sources_frame(src["per_class"])
+    st.plotly_chart(ui.class_bars(per_source, "source", "n", classes, "Images per source",
+                                  labels=("Source", "Images"), barmode="stack", horizontal=True,
+                                  height=140 + 28 * per_source["source"].nunique()),
+                    key="sources")
     if src["confounded"]:
         st.warning("Every source contributes to a single class: source and class are "
                    "confounded, so a model can separate the classes by hospital alone.")

@@ -54,7 +54,7 @@ if not have_images:
 
 per_page = 12
 pages = (len(shown) - 1) // per_page + 1
-page = st.number_input(f"Gallery page (of {pages})", 1, pages, 1) if pages > 1 else 1
+page = st.columns(4)[0].number_input(f"Gallery page (of {pages})", 1, pages, 1) if pages > 1 else 1
 grid = st.columns(6)
 for i, (_, row) in enumerate(shown.iloc[(page - 1) * per_page : page * per_page].iterrows()):
     grid[i % 6].image(ui.thumbnail(str(data_dir / row["path"])), caption=gallery.case_label(row),
@@ -67,13 +67,15 @@ paths = shown["path"].tolist()
 labels = {r["path"]: gallery.case_label(r) for _, r in shown.iterrows()}
 path = st.selectbox("Case", paths, format_func=labels.get)
 row = shown[shown["path"] == path].iloc[0]
-m1, m2, m3 = st.columns(3)
-method = m1.selectbox("CAM method", METHODS, format_func=gallery.CAM_LABELS.get)
+m1, m2, m3, m4 = st.columns(4)
+method = m1.selectbox("CAM method", METHODS, format_func=gallery.CAM_LABELS.get,
+                      help=gallery.CAM_HELP)
 layer = m2.selectbox("Target layer", STAGES, index=len(STAGES) - 1,
                      help="Earlier layers are finer but less specific to the class.")
 target = m3.selectbox("Explain class", ["Predicted class", *classes])
-alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05)
-contour = st.checkbox("Show lung contour", value=True)
+with m4:
+    alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05)
+    contour = st.checkbox("Show lung contour", value=True)
 
 predictor = ui.predictor_or_stop(run)
 try:
@@ -87,12 +89,14 @@ left, right = st.columns([3, 2], gap="large")
 with left:
     a, b = st.columns(2)
     a.image(case.gray, caption="Original", width="stretch")
+    explained = case.prediction.label if target == "Predicted class" else target
     b.image(clinical.overlay_image(case, alpha, contour),
-            caption=f"{method} at {layer}, class {target if target != 'Predicted class' else case.prediction.label}",
+            caption=f"{gallery.CAM_LABELS[method]} at {layer}, class {explained}",
             width="stretch")
 with right:
     st.markdown(f"**True class:** {row['true_class']}  \n"
-                f"**Predicted class:** {case.prediction.label}")
+                f"**Predicted class:** {case.prediction.label}  \n"
+                f"**Decision at the operating point:** {case.prediction.decision}")
     st.plotly_chart(ui.probability_chart(case.prediction.probabilities, classes,
                                          predictor.operating_point),
                     config={"displayModeBar": False})

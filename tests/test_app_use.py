@@ -435,14 +435,14 @@ def test_explainability_filters_follow_the_records(small_models: Path) -> None:
 def test_explainability_renders_each_method(small_models: Path) -> None:
     at = run_page("pages/explainability.py", timeout=180)
     first = at.get("image")[-1]
-    assert first.captions[0].startswith("gradcam at layer4")
+    assert first.captions[0].startswith("Grad-CAM at layer4")
     boxes = {s.label: s for s in at.selectbox}
     boxes["CAM method"].set_value("gradcam++")
     boxes["Target layer"].set_value("layer3")
     at.run()
     assert not at.exception
     heat = at.get("image")[-1]
-    assert heat.captions[0].startswith("gradcam++ at layer3")
+    assert heat.captions[0].startswith("Grad-CAM++ at layer3")
     assert heat.value != first.value
     assert [m.label for m in at.metric][-1] == "Lung focus of this map"
 
