@@ -146,7 +146,7 @@ def test_real_checkpoint_report(small_run: SmallRun, tmp_path: Path) -> None:
     assert sc["risk"] in ("high", "moderate", "low", "inconclusive") and sc["verdict"]
     assert sc["chance_accuracy"] == pytest.approx(max(doc["class_counts"].values()) / doc["n"])
     assert doc["calibration"]["fitted"] is False and doc["operating_point"] is None
-    assert any("not calibrated" in f for f in doc["findings"])
+    assert any(f["id"] == "uncalibrated" and "not calibrated" in f["text"] for f in doc["findings"])
     assert not doc["sources"]["available"]  # cxr-real ships no metadata spreadsheets
     lf = doc["lung_focus"]  # no masks in cxr-real: the shipped segmenter gives them
     assert lf["lung_view"] == doc["run"]["lung_view"] == "none"
@@ -220,7 +220,8 @@ def test_cli_with_external_set_and_calibrate(synthetic_run: SmallRun, tmp_path: 
     ex = doc["external"]
     assert ex["n"] == 9 and ex["class_map"]["Lung_Opacity"] is None
     assert ex["overlap_with_manifest"] == 9  # copied from the run's own dataset
-    assert any("not independent" in f for f in doc["findings"])
+    assert any(f["id"] == "external-overlap" and f["severity"] == "high"
+               and "not independent" in f["text"] for f in doc["findings"])
     assert set(ex["drop"]) == {"accuracy", "macro_f1", "macro_roc_auc", "per_class_roc_auc"}
     covid = doc["at_argmax"]["per_class"]["COVID"]
     assert covid["prevalence"] == 0.05 and "ppv_at_prevalence" in covid
@@ -267,9 +268,11 @@ def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_pa
 def test_low_lung_focus_becomes_a_finding() -> None:
     doc = {"calibration": {"fitted": True}, "operating_point": None, "run": {"warnings": []},
            "lung_focus": {"overall": {"n": 50, "mean": 0.8}}}
-    assert any("mostly outside the lungs" in f for f in E.findings(doc))
+    found = [f for f in E.findings(doc) if f["id"] == "low-lung-focus"]
+    assert len(found) == 1 and "mostly outside the lungs" in found[0]["text"]
+    assert found[0]["severity"] == "medium"
     doc["lung_focus"]["overall"]["mean"] = 1.3
-    assert not any("outside the lungs" in f for f in E.findings(doc))
+    assert not any("outside the lungs" in f["text"] for f in E.findings(doc))
 
 
 def test_cli_errors_are_reported_not_raised(synthetic_run: SmallRun, tmp_path: Path,
