@@ -61,7 +61,7 @@ from core.runs import SEVERITIES, file_sha256, write_json
 log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "cxr-insight-metrics"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: findings are {id, severity, text} records
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "metrics.schema.json"
 
 DEFAULT_SCREENING_CLASS = "COVID"
