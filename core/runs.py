@@ -1,14 +1,15 @@
-"""Find trained runs under ``models/`` and read what they wrote (no Streamlit, no torch here).
+"""Find trained runs under ``models/`` and read what they wrote (no Streamlit; reading needs no torch).
 
 A page shows a run from the small files written beside its checkpoint; reading them never
-loads the network or imports torch (a test checks ``sys.modules``):
+loads the network or imports torch (a test checks ``sys.modules``). The writers at the end
+of this module (``summarise``, ``write_dataset_summary``, the CLI) do import it.
 
 | file | what | written by |
 | --- | --- | --- |
 | ``run.json`` | checkpoint summary: classes, arch, preprocessing, epoch, created, weights hash, calibration, operating point, OOD and low-confidence cut-offs | training's finish (``core.train.fit``), ``python -m core.runs summarise`` |
 | ``config.json`` | the resolved training configuration | training |
 | ``history.json`` | one row per epoch | training |
-| ``dataset.json`` | class counts per split, duplicates, skipped files, image sizes, sources | training |
+| ``dataset.json`` | class counts per split, duplicates, skipped files, image sizes and bit depths, sources | training, ``python -m core.runs dataset`` |
 | ``report/metrics.json`` | the evaluation report (``docs/METRICS.md``) | ``core.evaluate`` |
 | ``report/predictions.csv`` | per-image records of the test split | ``core.evaluate`` |
 | ``int8.json`` | the int8 network's check | ``core.quantize`` |
