@@ -150,6 +150,14 @@ def test_older_runs_fall_back_to_report_and_int8_json(small_run: Path, tmp_path:
     assert run.serving == runs.serving(int8["stored"])
     assert run.findings == [{"id": "finding-0", "severity": "info",
                              "text": "a plain-string finding of an older report"}]
+    assert [m.split(":", 1)[0] for m in run.missing] == ["checkpoint summary (run.json)"]
+    old_columns = ["path", "true_class", "predicted_class", "predicted_class_at_operating_point",
+                   *[f"prob_{c}" for c in run.classes]]
+    csv = run_dir / "report" / "predictions.csv"
+    pd.read_csv(csv)[old_columns].to_csv(csv, index=False)  # records of an older evaluate
+    assert any(m.startswith("per-image records with OOD, probe and lung-focus columns: "
+                            "python -m core.evaluate --checkpoint")
+               for m in runs.load_run(run_dir).missing)
 
 
 # ---------------------------------------------------------------- findings
