@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from core.data import SPLITS, load_manifest
+from core.data import SPLITS, dataset_summary, load_manifest
 from core.errors import DatasetError, InvalidImageError
 from core.preprocess import load_gray, to_gray, to_uint8
 
@@ -29,14 +29,8 @@ HIST_BINS = 32
 
 
 def data_dir_of(run: Any) -> Path | None:
-    """The folder a run was trained on: ``run.data_dir`` where the run exposes it, else
-    ``config.json``'s ``data.data_dir``, else the report's; None when none says."""
-    value = getattr(run, "data_dir", None)
-    if not value:
-        value = ((run.config or {}).get("data") or {}).get("data_dir")
-    if not value:
-        value = ((run.report or {}).get("run") or {}).get("data_dir")
-    return Path(value) if value else None
+    """The folder a run was trained on (``RunArtifacts.data_dir``), None when none says."""
+    return Path(run.data_dir) if run.data_dir else None
 
 
 def manifest_frame(run_dir: str | Path) -> pd.DataFrame | None:
@@ -68,60 +62,47 @@ def missing_images_text(data_dir: Path | None) -> str:
             "from the run's own files and is shown anyway.")
 
 
-def class_counts(run: Any) -> pd.DataFrame:
-    """Images per split and class, columns ``split, class, n`` (splits in train, val, test
-    order): ``dataset.json``'s counts, else the manifest's; empty when neither exists."""
-    counts: Mapping[str, Mapping[str, int]] | None = (run.dataset or {}).get("counts")
-    if not counts:
-        df = manifest_frame(run.path)
-        if df is None:
-            return pd.DataFrame(columns=["split", "class", "n"])
-        counts = {s: df[df["split"] == s]["class"].value_counts().to_dict() for s in SPLITS}
-    classes = list(run.classes) or sorted({c for v in counts.values() for c in v})
-    rows = [{"split": s, "class": c, "n": int(counts.get(s, {}).get(c, 0))}
+def dataset_record(run: Any) -> dict[str, Any] | None:
+    """The run's ``dataset.json`` record; for older runs without one, the same record built
+    from ``manifest.csv`` (``core.data.dataset_summary``: image sizes and bit depths only
+    where the images are on this machine; sources from the evaluation report). None when
+    the run has neither."""
+    if run.dataset:
+        return dict(run.dataset)
+    path = Path(run.path) / "manifest.csv"
+    if not path.is_file():
+        return None
+    try:
+        manifest = load_manifest(path, data_dir_of(run) or Path(run.path))
+    except (OSError, DatasetError) as exc:
+        log.warning("Unreadable manifest %s: %s", path, exc)
+        return None
+    return dataset_summary(manifest, (run.report or {}).get("sources"))
+
+
+def class_counts(record: Mapping[str, Any] | None, classes: Sequence[str] = ()) -> pd.DataFrame:
+    """Images per split and class from a :func:`dataset_record`, columns ``split, class, n``
+    (splits in train, val, test order; ``classes`` fixes the class order)."""
+    counts: Mapping[str, Mapping[str, int]] = (record or {}).get("counts") or {}
+    classes = list(classes) or sorted({c for v in counts.values() for c in v})
+    rows = [{"split": s, "class": c, "n": int(counts[s].get(c, 0))}
             for s in SPLITS if s in counts for c in classes]
     return pd.DataFrame(rows, columns=["split", "class", "n"])
 
 
-def duplicates(run: Any) -> dict[str, Any] | None:
-    """Duplicate groups (``dataset.json``'s record, see contracts), else computed from the
-    manifest's ``dup_group`` column (byte-identical and near-duplicate images share a group and
-    always a split); None when neither exists."""
-    found = (run.dataset or {}).get("duplicates")
-    if found is not None:
-        return dict(found)
-    df = manifest_frame(run.path)
-    if df is None:
-        return None
-    sizes = df.groupby("dup_group")["path"].agg(list)
-    groups = [g for g in sizes if len(g) > 1]
-    groups.sort(key=len, reverse=True)
-    return {"groups": len(groups), "images_in_groups": sum(len(g) for g in groups),
-            "largest_group": max((len(g) for g in groups), default=0),
-            "examples": [list(g) for g in groups[:5]]}
-
-
-def sources(run: Any) -> dict[str, Any]:
-    """Image sources per class as ``{available, reason, per_class: {class: {source: n}},
-    confounded}``: ``dataset.json``'s, else the evaluation report's (which lists sources as
-    records). ``confounded``: no source contributes images to more than one class."""
-    src = (run.dataset or {}).get("sources") or (run.report or {}).get("sources")
-    if not src:
-        return {"available": False, "reason": "this run records no image sources",
-                "per_class": {}, "confounded": False}
-    per_class: dict[str, dict[str, int]] = {}
-    for cls, entry in (src.get("per_class") or {}).items():
-        if isinstance(entry, Mapping) and "sources" in entry:  # the report's record format
-            per_class[cls] = {str(s["source"]): int(s["count"]) for s in entry["sources"]}
-        else:
-            per_class[cls] = {str(k): int(v) for k, v in dict(entry).items()}
+def sources(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A :func:`dataset_record`'s image sources (``{available, reason, per_class: {class:
+    {source: n}}}``) plus ``confounded``: no source contributes images to more than one
+    class."""
+    src = dict((record or {}).get("sources") or {})
+    per_class = {c: dict(v) for c, v in (src.get("per_class") or {}).items()}
     seen: dict[str, int] = {}
     for counts in per_class.values():
         for s in counts:
             seen[s] = seen.get(s, 0) + 1
-    available = bool(src.get("available")) and bool(per_class)
-    return {"available": available, "reason": src.get("reason"), "per_class": per_class,
-            "confounded": bool(seen) and max(seen.values()) == 1}
+    return {"available": bool(src.get("available")) and bool(per_class),
+            "reason": src.get("reason") or "this run records no image sources",
+            "per_class": per_class, "confounded": bool(seen) and max(seen.values()) == 1}
 
 
 def sources_frame(per_class: Mapping[str, Mapping[str, int]]) -> pd.DataFrame:

@@ -152,7 +152,7 @@ def predictor_or_stop(run: runs.RunArtifacts) -> Any:
     from core.errors import CXRError
 
     try:
-        predictor = load_predictor(str(run.checkpoint))
+        predictor = predictor_for(run)
     except CXRError as exc:
         st.error(f"The model of run **{run.name}** cannot be loaded: {exc}")
         st.stop()
@@ -219,6 +219,22 @@ def explain_case(predictor: Any, run: runs.RunArtifacts, path: Path, method: str
         while len(cache) > 16:
             del cache[next(iter(cache))]
     return cache[key]
+
+
+def dataset_record(run: runs.RunArtifacts) -> dict[str, Any] | None:
+    """``core.explore.dataset_record`` (``dataset.json``, else built from ``manifest.csv``),
+    cached per run folder and its files' modification times."""
+    manifest = Path(run.path) / "manifest.csv"
+    stamp = (*_stamp(Path(run.path)), manifest.stat().st_mtime if manifest.exists() else 0.0)
+    return _dataset_record(str(run.path), stamp, run)
+
+
+@st.cache_data(show_spinner="Reading the dataset record…", max_entries=8)
+def _dataset_record(path: str, stamp: tuple[float, ...],
+                    _run: runs.RunArtifacts) -> dict[str, Any] | None:
+    from core import explore
+
+    return explore.dataset_record(_run)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

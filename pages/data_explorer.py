@@ -10,9 +10,9 @@ st.title("Data Explorer")
 ui.disclaimer()
 run = ui.require_run()
 classes = run.classes
-dataset = run.dataset or {}
+dataset = ui.dataset_record(run) or {}
 
-counts = explore.class_counts(run)
+counts = explore.class_counts(dataset, classes)
 if counts.empty:
     st.info(f"Run **{run.name}** records no dataset (neither `dataset.json` nor "
             "`manifest.csv`): both are written by training, `python -m core.train`.")
@@ -29,7 +29,7 @@ if not run.dataset:
     st.caption("Counted from `manifest.csv` (this run has no `dataset.json`).")
 
 st.subheader("Duplicates")
-dup = explore.duplicates(run)
+dup = dataset.get("duplicates")
 if dup is None:
     st.info("No duplicate record for this run.")
 else:
@@ -91,7 +91,7 @@ if sizes.empty:
 else:
     top = sizes.head(20)
     title = ("Image sizes per class (sampled images)" if have_images
-             else "Image sizes, all classes (dataset.json)")
+             else "Image sizes, all images of all classes")
     st.plotly_chart(ui.class_bars(top, "size", "n", classes, title, barmode="stack",
                                   labels=("Width x height (px)", "Images"), horizontal=True,
                                   height=140 + 28 * top["size"].nunique()), key="sizes")
@@ -100,7 +100,7 @@ if dataset.get("bit_depths"):
                                           for b, n in dataset["bit_depths"].items()))
 
 st.subheader("Image sources per class")
-src = explore.sources(run)
+src = explore.sources(dataset)
 if src["available"]:
     per_source = explore.sources_frame(src["per_class"])
     st.plotly_chart(ui.class_bars(per_source, "source", "n", classes, "Images per source",

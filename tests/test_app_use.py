@@ -254,35 +254,37 @@ def test_records_and_filters_follow_pandas() -> None:
 # ------------------------------------------------------------------- core.explore
 
 
-def test_counts_duplicates_and_sources_without_dataset_json(tmp_path: Path) -> None:
+def test_dataset_record_counts_and_sources_without_dataset_json(tmp_path: Path) -> None:
     rows = pd.DataFrame({
         "path": ["A/1.png", "A/2.png", "A/3.png", "B/1.png", "B/2.png", "B/3.png"],
         "class": list("AAABBB"), "split": ["train", "train", "test", "train", "val", "test"],
         "sha1": list("abcdef"), "phash": list("abcdef"), "dup_group": [0, 0, 1, 2, 3, 3]})
     rows.to_csv(tmp_path / "manifest.csv", index=False)
-    run = SimpleNamespace(path=tmp_path, dataset=None, classes=["A", "B"], config=None,
+    run = SimpleNamespace(path=tmp_path, dataset=None, data_dir=str(tmp_path / "gone"),
                           report={"sources": {"available": True, "reason": None, "per_class": {
                               "A": {"n_listed": 3, "sources": [{"source": "x", "count": 3}]},
                               "B": {"n_listed": 3, "sources": [{"source": "y", "count": 3}]}}}})
-    counts = explore.class_counts(run)
+    record = explore.dataset_record(run)
+    counts = explore.class_counts(record, ["A", "B"])
     assert counts.to_dict("records") == [
         {"split": "train", "class": "A", "n": 2}, {"split": "train", "class": "B", "n": 1},
         {"split": "val", "class": "A", "n": 0}, {"split": "val", "class": "B", "n": 1},
         {"split": "test", "class": "A", "n": 1}, {"split": "test", "class": "B", "n": 1}]
-    dup = explore.duplicates(run)
-    assert dup == {"groups": 2, "images_in_groups": 4, "largest_group": 2,
-                   "examples": [["A/1.png", "A/2.png"], ["B/2.png", "B/3.png"]]}
-    src = explore.sources(run)
+    assert record["duplicates"] == {"groups": 2, "images_in_groups": 4, "largest_group": 2,
+                                    "examples": [["A/1.png", "A/2.png"], ["B/2.png", "B/3.png"]]}
+    assert record["image_sizes"] == {}  # the images are not on this machine
+    src = explore.sources(record)
     assert src["per_class"] == {"A": {"x": 3}, "B": {"y": 3}} and src["confounded"]
     run.dataset = {"counts": {"train": {"A": 5}, "test": {"B": 2}},
-                   "duplicates": {"groups": 7, "images_in_groups": 15, "largest_group": 3,
-                                  "examples": []},
                    "sources": {"available": True, "reason": None,
                                "per_class": {"A": {"x": 2, "z": 1}, "B": {"z": 4}}}}
-    assert explore.class_counts(run)["n"].tolist() == [5, 0, 0, 2]
-    assert explore.duplicates(run)["groups"] == 7
-    assert not explore.sources(run)["confounded"]  # source z feeds both classes
-    assert explore.sources_frame(explore.sources(run)["per_class"])["n"].sum() == 7
+    record = explore.dataset_record(run)
+    assert explore.class_counts(record, ["A", "B"])["n"].tolist() == [5, 0, 0, 2]
+    assert not explore.sources(record)["confounded"]  # source z feeds both classes
+    assert explore.sources_frame(explore.sources(record)["per_class"])["n"].sum() == 7
+    assert explore.sources({})["available"] is False
+    assert explore.dataset_record(SimpleNamespace(path=tmp_path / "none", dataset=None,
+                                                  data_dir=None, report=None)) is None
 
 
 def test_histograms_sizes_and_samples(tmp_path: Path) -> None:
@@ -430,6 +432,22 @@ def test_explainability_filters_follow_the_records(small_models: Path) -> None:
                    & (records.predicted_class == records.true_class)]
     assert at.metric[0].value == f"0 of {len(records)}" == f"{len(none)} of {len(records)}"
     assert any("No test image matches" in i.value for i in at.info)
+
+    # the lung-focus and OOD filters (records written by core.evaluate carry both columns)
+    assert {"lung_focus", "ood"} <= set(records.columns)
+    at = run_page("pages/explainability.py", timeout=180)
+    boxes = {c.label: c for c in at.checkbox}
+    assert not boxes["Low lung focus only"].disabled
+    boxes["Low lung focus only"].check()
+    at.run()
+    low = (pd.to_numeric(records["lung_focus"], errors="coerce") < 1.0).sum()
+    assert at.metric[0].value == f"{low} of {len(records)}"
+    boxes = {c.label: c for c in at.checkbox}
+    boxes["Low lung focus only"].uncheck()
+    boxes["Out-of-distribution only"].check()
+    at.run()
+    flagged = (records["ood"].astype(str) == "True").sum()
+    assert at.metric[0].value == f"{flagged} of {len(records)}"
 
 
 def test_explainability_renders_each_method(small_models: Path) -> None:
