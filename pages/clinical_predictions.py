@@ -32,11 +32,15 @@ contrast = st.radio("Display contrast", DISPLAY_CONTRASTS, horizontal=True,
 with st.spinner("Analysing…"):
     results = ui.analyse_uploads(predictor, run, files)
 
+seen: dict[str, int] = {}  # widget keys: file name and content, numbered if uploaded twice
 for name, result in results:
     if not isinstance(result, clinical.Analysis):
         st.error(f"{name}: {result}")
         continue
     p = result.prediction
+    wid = f"{name}-{result.key}"
+    seen[wid] = seen.get(wid, 0) + 1
+    wid = f"{wid}-{seen[wid]}"
     with st.container(border=True):
         st.subheader(name)
         left, right = st.columns([3, 2], gap="large")
@@ -49,7 +53,7 @@ for name, result in results:
                 st.markdown(f"Decision at the operating point: **{p.decision}**")
             st.plotly_chart(ui.probability_chart(p.probabilities, classes,
                                                  predictor.operating_point),
-                            key=f"proba-{result.key}", config={"displayModeBar": False})
+                            key=f"proba-{wid}", config={"displayModeBar": False})
             st.metric("Lung focus", clinical.lung_focus_text(result.lung_focus),
                       help="Heatmap energy on the lungs over the lungs' share of the image: "
                            "1 = no preference, above 1 = on the lungs, below 1 = outside.")
@@ -65,8 +69,8 @@ for name, result in results:
                 with st.expander("Notes"):
                     st.markdown("\n".join(f"- {n}" for n in result.notes))
         with left:
-            alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"alpha-{result.key}")
-            contour = st.checkbox("Show lung contour", key=f"contour-{result.key}",
+            alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"alpha-{wid}")
+            contour = st.checkbox("Show lung contour", key=f"contour-{wid}",
                                   disabled=result.lung_mask is None,
                                   help="The lung field found by the segmenter (green).")
             a, b = st.columns(2)

@@ -406,9 +406,12 @@ def test_clinical_predictions_uploads(small_models: Path, media: list, tmp_path:
     assert [m.value for m in at.markdown if "Predicted class: " in m.value] == shown
     assert files_under(*watched) == before
 
-    # the same bytes under another name are recognised by content
-    at.get("file_uploader")[0].set_value([("renamed.png", png, "image/png")])
+    # the same bytes under other names are recognised by content (analysed once, shown twice)
+    at.get("file_uploader")[0].set_value([("renamed.png", png, "image/png"),
+                                          ("renamed.png", png, "image/png")])
     at.run()
+    assert not at.exception
+    assert [h.value for h in at.subheader][:2] == ["renamed.png", "renamed.png"]
     assert {k: id(v) for k, v in at.session_state["_use_analyses"].items()} == {
         k: v for k, v in ids.items() if k[1] == clinical.content_key(png)}
 
