@@ -122,11 +122,16 @@ def sample_paths(manifest: pd.DataFrame, per_class: int = 4, seed: int = 0) -> d
 
 
 def thumbnail(path: str | Path, size: int = 192) -> np.ndarray:
-    """A dataset image as uint8 grayscale whose longer side is at most ``size`` pixels."""
-    with Image.open(path) as img:
-        img.draft("L", (size, size))  # JPEG: decode at a reduced scale
-        img.thumbnail((size, size))
-        return to_uint8(to_gray(img))
+    """A dataset image as uint8 grayscale whose longer side is at most ``size`` pixels.
+
+    Raises :class:`~core.errors.InvalidImageError` for a missing or unreadable file."""
+    try:
+        with Image.open(path) as img:
+            img.draft("L", (size, size))  # JPEG: decode at a reduced scale
+            img.thumbnail((size, size))
+            return to_uint8(to_gray(img))
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InvalidImageError(f"Cannot read {Path(path).name}: {exc}") from exc
 
 
 def intensity_histograms(data_dir: Path, paths_by_class: Mapping[str, Sequence[str]],

@@ -97,4 +97,5 @@ def filter_records(df: pd.DataFrame, true_class: str = ALL, predicted_class: str
 def case_label(row: Any) -> str:
     """A gallery caption: file name, true -> predicted class."""
     mark = "✓" if bool(row["correct"]) else "✗"
-    return f"{mark} {str(row['path']).rsplit('/', 1)[-1]}: {row['true_class']} → {row['predicted_class']}"
+    name = str(row["path"]).rsplit("/", 1)[-1]
+    return f"{mark} {name}: {row['true_class']} → {row['predicted_class']}"

@@ -239,9 +239,28 @@ def _dataset_record(path: str, stamp: tuple[float, ...],
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def thumbnail(path: str, size: int = 192) -> Any:
+    """``core.explore.thumbnail``, or None for a missing or unreadable file."""
     from core import explore
+    from core.errors import InvalidImageError
 
-    return explore.thumbnail(path, size)
+    try:
+        return explore.thumbnail(path, size)
+    except InvalidImageError:
+        return None
+
+
+def image_grid(folder: Path, paths: list[str], captions: list[str], per_row: int = 6) -> None:
+    """Thumbnails of dataset images in rows of ``per_row``, captioned; a missing or
+    unreadable file shows as such instead of failing the page."""
+    for start in range(0, len(paths), per_row):
+        cols = st.columns(per_row)
+        for col, path, caption in zip(cols, paths[start : start + per_row],
+                                      captions[start : start + per_row], strict=False):
+            image = thumbnail(str(folder / path))
+            if image is None:
+                col.caption(f"{caption} (missing or unreadable)")
+            else:
+                col.image(image, caption=caption, width="stretch")
 
 
 @st.cache_data(show_spinner="Reading images…", max_entries=8)

@@ -60,9 +60,7 @@ if not have_images:
 else:
     for cls, paths in samples.items():
         st.markdown(f"**{cls.replace('_', ' ')}**")
-        for col, p in zip(st.columns(6), paths[:6], strict=False):
-            col.image(ui.thumbnail(str(data_dir / p)), caption=p.rsplit("/", 1)[-1],
-                      width="stretch")
+        ui.image_grid(data_dir, paths[:6], [p.rsplit("/", 1)[-1] for p in paths[:6]])
 
     st.subheader("One image through the preprocessing contract")
     choices = [p for paths in samples.values() for p in paths[:6]]

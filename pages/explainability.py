@@ -55,10 +55,9 @@ if not have_images:
 per_page = 12
 pages = (len(shown) - 1) // per_page + 1
 page = st.columns(4)[0].number_input(f"Gallery page (of {pages})", 1, pages, 1) if pages > 1 else 1
-grid = st.columns(6)
-for i, (_, row) in enumerate(shown.iloc[(page - 1) * per_page : page * per_page].iterrows()):
-    grid[i % 6].image(ui.thumbnail(str(data_dir / row["path"])), caption=gallery.case_label(row),
-                      width="stretch")
+on_page = shown.iloc[(page - 1) * per_page : page * per_page]
+ui.image_grid(data_dir, on_page["path"].tolist(),
+              [gallery.case_label(r) for _, r in on_page.iterrows()])
 with st.expander("All matching records"):
     st.dataframe(shown[columns], hide_index=True, width="stretch")
 
@@ -81,7 +80,7 @@ predictor = ui.predictor_or_stop(run)
 try:
     case = ui.explain_case(predictor, run, data_dir / path, method, layer,
                            None if target == "Predicted class" else target)
-except CXRError as exc:
+except (CXRError, OSError) as exc:
     st.error(f"{path}: {exc}")
     st.stop()
 
