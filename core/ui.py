@@ -302,6 +302,24 @@ def _style(fig: Any, height: int = 360, x_title: str | None = None,
     return fig
 
 
+def results_columns(classes: list[str]) -> dict[str, Any]:
+    """``st.dataframe`` column settings of ``core.clinical.results_table``: readable headers,
+    probabilities as bars with percentages (the CSV keeps the raw columns)."""
+    cfg: dict[str, Any] = {
+        "file": st.column_config.TextColumn("File"),
+        "predicted_class": st.column_config.TextColumn("Predicted class"),
+        "decision": st.column_config.TextColumn("Decision (operating point)"),
+        "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
+        "ood": st.column_config.CheckboxColumn("Unusual image (OOD)"),
+        "lung_focus": st.column_config.NumberColumn("Lung focus", format="%.2f"),
+        "error": st.column_config.TextColumn("Error", width="large"),
+    }
+    for c in classes:
+        cfg[f"prob_{c}"] = st.column_config.ProgressColumn(
+            f"P({c.replace('_', ' ')})", min_value=0.0, max_value=1.0, format="percent")
+    return cfg
+
+
 def probability_chart(probabilities: dict[str, float], classes: list[str],
                       operating_point: dict[str, Any] | None = None) -> Any:
     """Horizontal bars of the calibrated probabilities, one colour per class; the operating

@@ -81,6 +81,6 @@ for name, result in results:
 
 st.subheader("All results")
 table = clinical.results_table(results, classes)
-st.dataframe(table, hide_index=True, width="stretch")
+st.dataframe(table, hide_index=True, width="stretch", column_config=ui.results_columns(classes))
 st.download_button("Download results (CSV)", clinical.results_csv(table),
                    file_name=clinical.CSV_NAME, mime="text/csv", on_click="ignore")
