@@ -468,7 +468,7 @@ def audit_log() -> Any:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _model_identity(checkpoint: str, mtime: float, run_name: str, _predictor: Any) -> Any:
+def _model_identity(run_key: str, run_name: str, _predictor: Any) -> Any:
     """The loaded run's identity for its records (hashing best.pt once per file version)."""
     from core.audit import ModelIdentity
 
@@ -496,11 +496,12 @@ def signed_in_user() -> str | None:
 
 def audit_results(predictor: Any, run: runs.RunArtifacts, files: list[Any],
                   results: list[tuple[str, Any]]) -> None:
-    """Record each upload's result in the audit log before it is shown: once per tab, run
-    and file content (a rerun that reuses a result does not record it again). Says so when
-    the log is off, and warns when records went to the spool or could not be written."""
-    import hashlib
-
+    """Record each upload's result (:func:`analyse_uploads`) in the audit log before it is
+    shown: once per analysis, i.e. per tab, run and file content (a rerun that reuses a
+    result does not record it again; a file uploaded again after removal is analysed and
+    recorded again). Says so when the log is off, and warns when records went to the spool
+    or could not be written."""
+    from core import clinical
     from core.audit import AuditStatus
 
     log = audit_log()
@@ -508,13 +509,13 @@ def audit_results(predictor: Any, run: runs.RunArtifacts, files: list[Any],
         st.caption("The audit log is off in this deployment (CXR_AUDIT=0): these predictions "
                    "are not recorded.")
         return
-    model = _model_identity(str(run.checkpoint), run.checkpoint.stat().st_mtime, run.name,
-                            predictor)
+    run_key = _run_key(run)
+    model = _model_identity(run_key, run.name, predictor)
     done: dict[tuple[str, str], Any] = st.session_state.setdefault(_AUDITED_KEY, {})
     keep, statuses = set(), []
     for upload, (name, result) in zip(files, results, strict=True):
         data = upload.getvalue()
-        key = (run.name, hashlib.sha256(data).hexdigest())
+        key = (run_key, clinical.content_key(data))
         keep.add(key)
         if key not in done:
             done[key] = log.record_result(result, input=data, name=name, source="app",

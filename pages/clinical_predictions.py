@@ -31,6 +31,7 @@ contrast = st.radio("Display contrast", DISPLAY_CONTRASTS, horizontal=True,
 
 with st.spinner("Analysing…"):
     results = ui.analyse_uploads(predictor, run, files)
+    ui.audit_results(predictor, run, files, results)  # recorded before they are shown
 
 seen: dict[str, int] = {}  # widget keys: file name and content, numbered if uploaded twice
 for name, result in results:

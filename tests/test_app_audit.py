@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import app_test
@@ -17,8 +20,17 @@ from core.audit import AuditLog, ModelIdentity, query
 from core.audit import engine as db
 from core.audit.log import prediction_row, refusal_row
 from core.errors import InvalidImageError
+from tests.conftest import blob_image
 from tests.test_app import run_page
-from tests.test_audit import make_prediction
+from tests.test_audit import (
+    PATIENT,
+    PNG_NAME,
+    assert_no_secret,
+    dump_database,
+    make_prediction,
+    png_bytes,
+)
+from tests.test_imaging import make_dicom
 
 PLAN = [("2026-01-01", "COVID", True, False), ("2026-01-01", "Normal", False, False),
         ("2026-01-02", "Normal", False, True), ("2026-01-02", "Viral Pneumonia", True, True),
@@ -161,3 +173,87 @@ def test_audit_page_filters_and_exports_csv(audit_url, small_models, monkeypatch
     engine.dispose()
     at.date_input(key="audit_dates").set_value((dt.date(2026, 1, 3), dt.date(2026, 1, 3))).run()
     assert any("No records match" in i.value for i in at.info)
+
+
+# ---------------------------------------------------------------- Clinical Predictions
+
+def clinical_uploads() -> list[tuple[str, bytes, str]]:
+    """A DICOM with patient name, ID and birth date, a distinctively named PNG, and a broken
+    file with a distinctive name (a refusal)."""
+    pixels = blob_image(np.random.default_rng(5), 1, 128).astype(np.uint16) * 16
+    return [(PNG_NAME, png_bytes(7), "image/png"),
+            ("Qzwxly_Vopjuk_PIDXQZ8642.dcm", make_dicom(pixels, **PATIENT), "application/dicom"),
+            ("Kqrvzt_Wjxpyq_broken.png", b"\x89PNG\r\n\x1a\n" + b"Qzwxly PIDXQZ8642" * 3,
+             "image/png")]
+
+
+def upload(at: app_test.AppTest, files: list[tuple[str, bytes, str]]) -> app_test.AppTest:
+    at.get("file_uploader")[0].set_value(files).run()
+    assert not at.exception
+    return at
+
+
+def records(url: str) -> pd.DataFrame:
+    engine = db.make_engine(url)
+    try:
+        return query.load_records(engine).sort_values("created_at").reset_index(drop=True)
+    finally:
+        engine.dispose()
+
+
+def test_clinical_predictions_are_recorded_once_and_without_patient_data(
+        audit_url, small_models, tmp_path, monkeypatch, caplog):
+    caplog.set_level("DEBUG")
+    files = clinical_uploads()
+    at = upload(run_page("pages/clinical_predictions.py"), files)
+    df = records(audit_url)
+    assert sorted(df["kind"]) == ["prediction", "prediction", "refusal"]
+    assert set(df["source"]) == {"app"} and df["session_id"].nunique() == 1
+    assert df["user_name"].isna().all()  # no sign-in in this deployment
+    import hashlib
+
+    assert set(df["input_sha256"]) == {hashlib.sha256(data).hexdigest() for _, data, _ in files}
+    preds = df[df["kind"] == "prediction"].set_index("input_format")
+    shown = [m.value for m in at.markdown if "Predicted class:" in m.value]
+    assert sorted(v.split("Predicted class: ")[1].strip() for v in shown) == sorted(
+        preds["predicted_class"])
+    assert preds.loc["DICOM", "run_id"] == "small" and preds.loc["DICOM", "width"] == 128
+    refusal = df[df["kind"] == "refusal"].iloc[0]
+    assert refusal["error_class"] == "InvalidImageError" and refusal["error_message"]
+
+    at.slider[0].set_value(0.9).run()  # a rerun shows the same results: nothing new recorded
+    assert not at.exception and len(records(audit_url)) == 3
+    other_tab = upload(run_page("pages/clinical_predictions.py"), files[:1])
+    assert not other_tab.exception
+    df2 = records(audit_url)
+    assert len(df2) == 4 and df2["session_id"].nunique() == 2  # one id per tab
+
+    # The database down: the page still predicts, says so, and the records are spooled.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the database's folder should be")
+    monkeypatch.setenv("CXR_DB_URL", f"sqlite:///{blocker / 'audit.db'}")
+    down = upload(run_page("pages/clinical_predictions.py"), files)
+    assert any("spool" in w.value for w in down.warning)
+    assert any("Predicted class:" in m.value for m in down.markdown)
+    spool = Path(os.environ["CXR_AUDIT_SPOOL"]).read_text()
+    assert len(spool.splitlines()) == 3
+
+    assert_no_secret("the database", dump_database(audit_url))
+    assert_no_secret("the spool file", spool)
+    assert_no_secret("the application log", "\n".join(r.getMessage() for r in caplog.records))
+
+
+def test_clinical_predictions_record_the_signed_in_user(audit_url, small_models):
+    at = run_page("pages/clinical_predictions.py")
+    at.user = {"is_logged_in": True, "email": "dr.house@example.org"}
+    upload(at, clinical_uploads()[:1])
+    assert list(records(audit_url)["user_name"]) == ["dr.house@example.org"]
+
+
+def test_clinical_predictions_say_when_the_log_is_off(audit_url, small_models, monkeypatch,
+                                                      tmp_path):
+    monkeypatch.setenv("CXR_AUDIT", "0")
+    at = upload(run_page("pages/clinical_predictions.py"), clinical_uploads()[:1])
+    assert any("audit log is off" in c.value for c in at.caption)
+    assert any("Predicted class:" in m.value for m in at.markdown)
+    assert not (tmp_path / "audit.db").exists()
