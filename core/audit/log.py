@@ -223,18 +223,10 @@ def _file_sha256(path: Path) -> str:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _HASH_LOCK:
         if key not in _HASH_CACHE:
-            with path.open("rb") as fh:
-                _HASH_CACHE[key] = _sha256_stream(fh)
+            from core.runs import file_sha256
+
+            _HASH_CACHE[key] = file_sha256(path)
         return _HASH_CACHE[key]
-
-
-def _sha256_stream(fh: Any) -> str:
-    """SHA-256 of a binary file object, read in 1 MiB blocks (``hashlib.file_digest`` is
-    Python 3.11+)."""
-    h = hashlib.sha256()
-    while block := fh.read(1 << 20):
-        h.update(block)
-    return h.hexdigest()
 
 
 def _run_id(checkpoint: Path) -> str:
@@ -273,12 +265,13 @@ def describe_input(source: bytes | bytearray | memoryview | str | os.PathLike[st
         data = bytes(source)
         return hashlib.sha256(data).hexdigest(), sniff_format(data[:132], name)
     if isinstance(source, str | os.PathLike):
+        from core.runs import file_sha256
+
         path = Path(source)
         try:
             with path.open("rb") as fh:
                 head = fh.read(132)
-                fh.seek(0)
-                digest = _sha256_stream(fh)
+            digest = file_sha256(path)
         except OSError:
             return None, None
         return digest, sniff_format(head, name or path.name)
