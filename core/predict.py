@@ -9,8 +9,10 @@ Writes one CSV row per input file (columns: path, label, decision, ``p_<class>``
 class, confidence, low_confidence, ood, ood_score, network, [heatmap, lung_focus,] error;
 ``network``: fp32 or int8, the network that answered). A file that cannot be
 used (damaged, not an image, too small...) gets a row with the reason in ``error`` and the
-rest of the batch goes on. Exit status: 0 when every file was predicted, 1 when some files
-failed, 2 when nothing could run (bad checkpoint or arguments).
+rest of the batch goes on. Each file's prediction or refusal is recorded in the audit log
+(:mod:`core.audit`: never the image or its name) before its row is written; ``CXR_AUDIT=0``
+turns the log off, and the run then says so. Exit status: 0 when every file was predicted,
+1 when some files failed, 2 when nothing could run (bad checkpoint or arguments).
 
 Research use only: not a medical device.
 """
