@@ -109,6 +109,19 @@ def test_audit_page_when_the_database_is_unavailable(tmp_path, monkeypatch, no_m
     assert any("unavailable" in e.value and "CXR_DB_URL" in e.value for e in at.error)
 
 
+def test_audit_page_writes_spooled_records_once_the_database_is_back(audit_url, no_models):
+    model = ModelIdentity("small", None, None, None, None, None)
+    row = prediction_row(make_prediction(), model=model, input_sha256="3" * 64,
+                         input_format="PNG", source="cli", session_id="b")
+    AuditLog(audit_url).spool.append([row])  # spooled while the database was down
+    at = run_page("pages/audit.py")
+    assert not at.exception
+    assert list(at.dataframe[0].value["id"]) == [row["id"]]
+    assert any("written late" in c.value for c in at.caption)
+    assert not any("wait in the spool" in w.value for w in at.warning)
+    assert any("No trained run" in i.value for i in at.info)  # drift needs a run
+
+
 def test_audit_page_shows_the_log_as_the_queries_count_it(audit_url, flagged_run):
     rows = seed(audit_url)
     at = run_page("pages/audit.py")

@@ -752,8 +752,8 @@ class AuditLog:
                       dataclasses.replace(self.counters))
 
     def check(self) -> bool:
-        """Open the database now (creating or upgrading its schema); False, with the reason
-        in ``health().last_error``, when it is unavailable."""
+        """Open the database now (creating or upgrading its schema) and replay the spool into
+        it; False, with the reason in ``health().last_error``, when it is unavailable."""
         if not self.enabled:
             return False
         try:
@@ -764,6 +764,8 @@ class AuditLog:
             return False
         with self._lock:
             self._down_since = None
+        if self.spool.has_pending():
+            self._replay_quietly()
         return True
 
 
