@@ -436,3 +436,11 @@ def seed_worker(worker_id: int) -> None:
     tf = getattr(ds, "transform", None)
     if isinstance(tf, Transform):
         tf.reseed(seed)
+
+
+if __name__ == "__main__":  # python -m core.data download [--dest D]: see core.download
+    import sys
+
+    from core.download import main
+
+    sys.exit(main())
