@@ -83,20 +83,20 @@ def require_training_allowed() -> None:
 
 
 def resolve_dataset_path(text: str) -> Path:
-    """The dataset folder a user typed, resolved (symlinks too). With ``CXR_DATA_ROOT`` set,
-    relative paths are taken inside it and a path outside it is refused (DatasetError)
-    before anything is read there."""
+    """The dataset folder a user typed, resolved (symlinks too). Relative paths are taken
+    inside ``CXR_DATA_ROOT`` where it is set (and a path outside it is refused with a
+    DatasetError before anything is read there), else inside the repository."""
     text = text.strip()
     if not text:
         raise DatasetError("Enter the path of a dataset folder (one sub-folder per class).")
     root = data_root()
     path = Path(text).expanduser()
-    if root is not None and not path.is_absolute():
-        path = root / path
+    if not path.is_absolute():  # inside the data root, else the repository (like the CLI)
+        path = (root or ROOT) / path
     path = path.resolve()
     if root is not None and not path.is_relative_to(root):
-        raise DatasetError(f"On this deployment datasets must lie inside the data folder "
-                           f"{root}; choose a folder inside it (e.g. a relative path).")
+        raise DatasetError(f"On this deployment datasets must lie inside its data folder "
+                           f"({ENV_DATA_ROOT}): enter a path relative to it.")
     return path
 
 
@@ -142,6 +142,10 @@ def check_dataset(text: str, sample_per_class: int = 300) -> DatasetCheck:
         path = resolve_dataset_path(text)
     except DatasetError as exc:
         return DatasetCheck(path=None, problems=[str(exc)])
+    if not path.exists():
+        return DatasetCheck(path=path, problems=[
+            f"No folder at {text.strip()}. Enter a folder with one sub-folder per class, or get "
+            "the COVID-19 Radiography Database with `python -m core.data download`."])
     try:
         ds = discover(path)
     except DatasetError as exc:
@@ -451,6 +455,32 @@ class JobStatus:
     @property
     def has_report(self) -> bool:
         return (self.run_dir / "report" / "metrics.json").is_file()
+
+    @property
+    def latest(self) -> dict[str, Any]:
+        """The last finished epoch's row of ``history.json`` (empty before the first)."""
+        return self.history[-1] if self.history else {}
+
+    @property
+    def fraction(self) -> float:
+        """Share of the training steps done (0 before the first step, 1 once finished)."""
+        if self.status == "finished":
+            return 1.0
+        p = self.progress or {}
+        if not p.get("epochs") or not p.get("steps_per_epoch"):
+            return 0.0
+        done = p["epoch"] - 1 + p["step"] / p["steps_per_epoch"]
+        return min(1.0, max(0.0, done / p["epochs"]))
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``2 h 05 min``, ``4 min 10 s``, ``35 s``; an em dash when unknown."""
+    if seconds is None:
+        return "—"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def _phase(job: dict[str, Any], status: str, progress: dict[str, Any] | None,

@@ -192,3 +192,11 @@ def change_metric(column: Any, label: str, value: float, baseline: float,
     column.metric(label, f"{value:.1f}", delta=f"{delta:+.1f}" if delta else "no change",
                   delta_color="inverse" if delta else "off",
                   delta_arrow="auto" if delta else "off", help=help)
+
+
+# ---- training ----
+
+
+def run_names() -> list[str]:
+    """Names of the runs the sidebar lists (cached like :func:`pick_run`), newest first."""
+    return [r.name for r in available_runs(str(runs.models_dir()))]
