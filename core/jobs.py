@@ -382,7 +382,11 @@ def cancel(models: Path | None = None, wait_s: float = 15.0) -> dict[str, Any]:
     job = read_job(models)
     if not job or job["status"] not in RUNNING or not pid_alive(job.get("pid"), runner=True):
         raise JobError("No training job is running.")
-    job = _update_job(_job_file(models), cancel_requested=True)
+    _update_job(_job_file(models), cancel_requested=True)
+    deadline = time.monotonic() + 10.0  # a runner still starting has no signal handler yet
+    while job["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = read_job(models) or job
     with contextlib.suppress(ProcessLookupError):
         os.killpg(job["pid"], signal.SIGINT)
     deadline = time.monotonic() + wait_s
