@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 
 from core import runs
-from core.config import ARCHS, LUNG_VIEWS, MODES
+from core.config import ARCHS, DEFAULT_DATA_DIR, LUNG_VIEWS, MODES
 from core.errors import DatasetError, JobError, JobRunningError, TrainingDisabledError
 from core.progress import PROGRESS_FILE, write_json_atomic
 
@@ -359,6 +359,31 @@ def start(settings: TrainSettings, models: Path | None = None) -> dict[str, Any]
     return launch(settings.command(run_dir), run_dir, models, settings=asdict(settings))
 
 
+def display_path(path: str | Path) -> str:
+    """A server path as a visitor may see it: relative to ``CXR_DATA_ROOT`` where it is set
+    (the deployment's layout stays hidden), else as it is."""
+    root = data_root()
+    path = Path(path)
+    return path.relative_to(root).as_posix() if root and path.is_relative_to(root) else str(path)
+
+
+def download_dest() -> Path:
+    """Where the app's download puts the database: inside ``CXR_DATA_ROOT`` where it is set,
+    else the repository's ``data/COVID-19_Radiography_Dataset``."""
+    root = data_root()
+    return root / Path(DEFAULT_DATA_DIR).name if root else ROOT / DEFAULT_DATA_DIR
+
+
+def start_download(models: Path | None = None) -> dict[str, Any]:
+    """``python -m core.data download`` as the one background job (it is long and heavy on
+    the disk, like training); its log goes to ``models/.training/download/train.log``."""
+    require_training_allowed()
+    dest = download_dest()
+    command = [sys.executable, "-m", "core.data", "download", "--dest", str(dest)]
+    return launch(command, job_dir(models) / "download", models, kind="download",
+                  dest=str(dest))
+
+
 def resume(models: Path | None = None) -> dict[str, Any]:
     """Run the last job's command again with ``--resume`` (it continues from ``last.pt``)."""
     require_training_allowed()
@@ -367,8 +392,8 @@ def resume(models: Path | None = None) -> dict[str, Any]:
         raise JobError("There is no training job to resume.")
     if job["status"] in RUNNING and pid_alive(job.get("pid"), runner=True):
         raise JobRunningError(_running_message(job))
-    if job["status"] == "finished":
-        raise JobError(f"Run {job['run_name']!r} finished: there is nothing to resume.")
+    if job["status"] == "finished" or job.get("kind") == "download":
+        raise JobError(f"Job {job['run_name']!r} cannot be resumed: start it again.")
     command = list(job["command"])
     if "--resume" not in command:
         command.append("--resume")
@@ -489,6 +514,10 @@ def fmt_duration(seconds: float | None) -> str:
 
 def _phase(job: dict[str, Any], status: str, progress: dict[str, Any] | None,
            lines: list[str]) -> str:
+    if job.get("kind") == "download" and status in RUNNING:
+        return "Downloading the COVID-19 Radiography Database from Kaggle, then checking it"
+    if job.get("kind") == "download" and status == "finished":
+        return "Done: downloaded and checked"
     if status == "finished":
         return "Done: trained, calibrated and evaluated"
     if status in ENDED:
@@ -532,7 +561,7 @@ def status(models: Path | None = None) -> JobStatus | None:
     if state == "lost":
         cause = ("The job's runner stopped without recording how training ended (the machine "
                  "or the app restarted, or the process was killed).")
-    resumable = state in ("failed", "cancelled", "lost")
+    resumable = state in ("failed", "cancelled", "lost") and job.get("kind") != "download"
     return JobStatus(job=job, status=state, phase=_phase(job, state, progress, lines),
                      progress=progress, history=list(history), log=lines, cause=cause,
                      resumable=resumable)

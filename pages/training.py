@@ -31,10 +31,9 @@ MODE_HELP = ("head: the pretrained backbone stays frozen and its features are co
              "first, then all layers.")
 
 
-def show_job(status: jobs.JobStatus) -> None:
-    """The job's state, progress, last metrics and its controls."""
-    job, p, last = status.job, status.progress or {}, status.latest
-    st.subheader(f"Job: run {job['run_name']}")
+def show_progress(status: jobs.JobStatus) -> None:
+    """A training job's progress and its last epoch's metrics."""
+    p, last = status.progress or {}, status.latest
     st.progress(status.fraction, text=status.phase)
     cols = st.columns(5)
     cols[0].metric("Epoch", f"{p['epoch']} / {p['epochs']}" if p else "—")
@@ -54,19 +53,36 @@ def show_job(status: jobs.JobStatus) -> None:
         st.dataframe(status.history, hide_index=True, width="stretch",
                      column_order=("epoch", "phase", "train_loss", "train_acc", "val_loss",
                                    "val_acc", "val_macro_f1", "images_per_s", "seconds"))
-    if status.status == "finished":
+
+
+def show_job(status: jobs.JobStatus) -> None:
+    """The job's state, progress, outcome and its controls."""
+    job = status.job
+    download = job.get("kind") == "download"
+    if download:
+        st.subheader("Job: download of the COVID-19 Radiography Database")
+        st.progress(1.0 if status.status == "finished" else 0.0, text=status.phase)
+    else:
+        st.subheader(f"Job: run {job['run_name']}")
+        show_progress(status)
+    if status.status == "finished" and download:
+        st.success("The database is downloaded and checked: enter its folder below, "
+                   f"`{jobs.display_path(job['dest'])}`.")
+    elif status.status == "finished":
         st.success(f"Run **{job['run_name']}** is trained and evaluated: it is now the newest "
                    "run, selected in the sidebar. See it on Model Performance.")
     elif status.status == "failed":
-        st.error(f"Training failed: {status.cause}")
+        st.error(f"{'Download' if download else 'Training'} failed: {status.cause}")
     elif status.status == "cancelled":
-        st.info("Training was cancelled. Resume continues from the last finished epoch.")
+        st.info("Download cancelled." if download else
+                "Training was cancelled. Resume continues from the last finished epoch.")
     elif status.status == "lost":
         st.warning(status.cause)
     with st.expander("Log (last lines)", expanded=status.status == "failed"):
         st.code("\n".join(status.log) or "(empty)", language="text")
     if status.running:
-        if st.button("Cancel training", type="secondary", disabled=bool(job["cancel_requested"])):
+        if st.button(f"Cancel {'download' if download else 'training'}",
+                     disabled=bool(job["cancel_requested"])):
             try:
                 jobs.cancel()
             except JobError as err:
@@ -106,12 +122,26 @@ job_panel()
 # -- a new job: the dataset first, checked live, then the settings
 st.subheader("New training run")
 root = jobs.data_root()
+
 folder = st.text_input(
     "Dataset folder", value="" if root else DEFAULT_DATA_DIR, key="train_data_dir",
     placeholder="a folder inside this deployment's data folder" if root else "/path/to/dataset",
     help="Relative to this deployment's data folder." if root else
     "A folder with one sub-folder per class. Get the COVID-19 Radiography Database with "
     "`python -m core.data download`.")
+with st.expander("No dataset yet? Download the COVID-19 Radiography Database"):
+    st.markdown("About 800 MB from Kaggle, into "
+                f"`{jobs.display_path(str(jobs.download_dest()))}`. Kaggle may ask for an account "
+                "and consent to the dataset's terms: the job then says what to do (a Kaggle "
+                "API token in `KAGGLE_USERNAME`/`KAGGLE_KEY` or `~/.kaggle/kaggle.json`). "
+                "Same as `python -m core.data download`.")
+    if st.button("Download the database"):
+        try:
+            jobs.start_download()
+        except JobError as err:
+            st.error(str(err))
+        else:
+            st.rerun()
 check = jobs.check_dataset(folder) if folder.strip() else None
 if check is not None:
     for problem in check.problems:

@@ -185,3 +185,58 @@ def test_train_on_real_xrays_from_the_app_cancel_resume_and_find_the_run_active(
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
     accuracy = report["overall"]["accuracy"]["value"]
     assert home.metric[0].value == f"{accuracy:.3f}"
+
+
+FAKE_KAGGLEHUB = '''
+import os
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+
+def dataset_download(handle, path=None, *, force_download=False, output_dir=None):
+    if os.environ.get("FAKE_KAGGLE_STATUS"):
+        response = requests.Response()
+        response.status_code = int(os.environ["FAKE_KAGGLE_STATUS"])
+        raise requests.HTTPError("Client Error", response=response)
+    for cls in ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"):
+        folder = Path(output_dir) / "COVID-19_Radiography_Dataset" / cls / "images"
+        folder.mkdir(parents=True)
+        for i in range(7):
+            Image.fromarray(np.full((32, 32), 20 * i, np.uint8)).save(folder / f"{cls}-{i}.png")
+    return output_dir
+'''
+
+
+def test_the_download_button_runs_the_download_as_a_job(models, tmp_path, monkeypatch):
+    """kagglehub is replaced, for the job's processes, by a fake on PYTHONPATH: first Kaggle
+    refuses (403), then it serves a small copy of the database."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "kagglehub.py").write_text(FAKE_KAGGLEHUB)
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    monkeypatch.setenv("FAKE_KAGGLE_STATUS", "403")
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setenv(jobs.ENV_DATA_ROOT, str(root))
+
+    at = open_tab()
+    download = next(b for b in at.button if b.label == "Download the database")
+    download.click().run()
+    wait_for(lambda: not jobs.status(models).running, 120, "the download to end")
+    at.run()
+    assert "Job: download of the COVID-19 Radiography Database" in texts(at)
+    assert at.error[0].value.startswith("Download failed: Kaggle refused the download of "
+                                        "tawsifurrahman/covid19-radiography-database (HTTP 403)")
+    assert not any(b.label == "Resume training" for b in at.button)
+
+    monkeypatch.delenv("FAKE_KAGGLE_STATUS")
+    next(b for b in at.button if b.label == "Download the database").click().run()
+    wait_for(lambda: not jobs.status(models).running, 120, "the download to end")
+    at.run()
+    assert at.success[0].value == ("The database is downloaded and checked: enter its folder "
+                                   "below, `COVID-19_Radiography_Dataset`.")
+    at.text_input(key="train_data_dir").set_value("COVID-19_Radiography_Dataset").run()
+    assert "**4 classes, 28 images** (database layout" in texts(at)
