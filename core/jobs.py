@@ -216,8 +216,21 @@ class TrainSettings:
                 "--progress-file", str(run_dir / PROGRESS_FILE), "--quiet"]
 
 
-def default_run_name() -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S")
+def run_exists(name: str, models: Path | None = None) -> bool:
+    """Whether ``models/<name>`` is taken: a folder with anything in it (a run, a stopped
+    one, or one being trained)."""
+    folder = (models or runs.models_dir()) / name
+    return bool(name) and folder.is_dir() and any(folder.iterdir())
+
+
+def default_run_name(models: Path | None = None) -> str:
+    """``run-<date>-<time>``, with a suffix where that run exists already."""
+    base = time.strftime("run-%Y%m%d-%H%M%S")
+    name, k = base, 1
+    while run_exists(name, models):
+        k += 1
+        name = f"{base}-{k}"
+    return name
 
 
 # ---------------------------------------------------------------- files and processes
@@ -352,7 +365,7 @@ def start(settings: TrainSettings, models: Path | None = None) -> dict[str, Any]
         raise DatasetError(" ".join(check.problems) or "The dataset folder holds no images.")
     models = models or runs.models_dir()
     run_dir = models / settings.run_name
-    if (run_dir / "best.pt").exists() or (run_dir / "last.pt").exists():
+    if run_exists(settings.run_name, models):
         raise JobError(f"A run named {settings.run_name!r} already exists: choose another name "
                        "(or resume it, if it was stopped).")
     settings = TrainSettings(**{**asdict(settings), "data_dir": str(check.path)})

@@ -49,6 +49,7 @@ class StepProgress:
         self._epoch_started: dict[int, float] = {}
         self._epoch_walls: list[float] = []
         self._last_write = 0.0
+        self._seconds_per_step: float | None = None
 
     def _phase(self, epoch: int) -> str:
         tc = self.tc
@@ -98,7 +99,9 @@ class StepProgress:
         if now - self._last_write < self.interval and in_epoch < per_epoch:
             return
         elapsed = now - self._epoch_started[epoch]
-        seconds_per_step = elapsed / (in_epoch - 1) if in_epoch > 1 else None
+        # from this epoch's steps; at an epoch's first step, the previous epoch's pace
+        seconds_per_step = elapsed / (in_epoch - 1) if in_epoch > 1 else self._seconds_per_step
+        self._seconds_per_step = seconds_per_step
         images_per_s = (self.tc.batch_size / seconds_per_step) if seconds_per_step else None
         eta = None
         if seconds_per_step:

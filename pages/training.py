@@ -38,8 +38,10 @@ def show_progress(status: jobs.JobStatus) -> None:
     cols = st.columns(5)
     cols[0].metric("Epoch", f"{p['epoch']} / {p['epochs']}" if p else "—")
     cols[1].metric("Step", f"{p['step']} / {p['steps_per_epoch']}" if p else "—")
-    cols[2].metric("Images per second", f"{p['images_per_s']:.1f}"
-                   if p.get("images_per_s") else "—")
+    cols[2].metric("Images per second", f"{p['images_per_s']:,.1f}"
+                   if p.get("images_per_s") else "—",
+                   help="Head epochs run over cached backbone features, so they are fast; "
+                   "the features were computed first, in the preparing phase.")
     cols[3].metric("Time left (training)", jobs.fmt_duration(p.get("eta_s"))
                    if status.running else "—",
                    help="Estimated from the steps so far; evaluation follows training.")
@@ -161,6 +163,8 @@ img_size = right.number_input("Image size (pixels)", 32, 1024, 224, step=32, key
                               help="Images are letterboxed to this square size.")
 lung_view = last_col.selectbox("Lung view", LUNG_VIEWS, key="train_lung_view",
                                help="crop: crop to the lung field; mask: also blank outside it.")
+if jobs.run_exists(st.session_state.get("train_run_name", "")):
+    st.session_state.pop("train_run_name")  # that name is taken now: offer a fresh one
 with st.expander("Advanced"):
     a, b, c = st.columns(3)
     arch = a.selectbox("Network", ARCHS, key="train_arch")

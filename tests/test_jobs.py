@@ -234,3 +234,47 @@ def test_a_tiny_real_run_trains_reports_progress_and_becomes_the_newest_run(mode
     assert p["phase"] == "finetune" and p["images_per_s"] > 0 and p["eta_s"] >= 0
     assert runs.list_runs(models)[0].name == "tiny"
     assert "Training job finished (exit status 0)" in "\n".join(s.log)
+
+
+def test_default_run_names_never_collide_with_a_run(models):
+    name = jobs.default_run_name(models)
+    assert name.startswith("run-") and not jobs.run_exists(name, models)
+    (models / name).mkdir()
+    assert not jobs.run_exists(name, models)  # an empty folder is not a run
+    (models / name / "train.log").write_text("")
+    assert jobs.run_exists(name, models)
+    other = jobs.default_run_name(models)
+    assert other != name and not jobs.run_exists(other, models)
+
+
+def test_progress_file_steps_and_pace(tmp_path, monkeypatch):
+    """core.progress on a hand-made run folder: 10 training images in batches of 4 = 3
+    steps per epoch; epoch and step from the global step and history.json."""
+    from core.config import DataConfig, RunConfig, TrainConfig
+    from core.progress import StepProgress
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = ["path,class,split,sha1,phash,dup_group"] + [
+        f"x{i}.png,A,{'train' if i < 10 else 'val'},s,p,{i}" for i in range(13)]
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    cfg = RunConfig(data=DataConfig(data_dir=str(tmp_path)),
+                    train=TrainConfig(output=str(out), epochs=2, batch_size=4))
+    clock = iter([100.0, 102.0, 104.0, 110.0, 112.0])
+    monkeypatch.setattr("core.progress.time.time", lambda: next(clock))
+    hook = StepProgress(out / "progress.json", cfg, interval=0.0)
+    read = lambda: json.loads((out / "progress.json").read_text())  # noqa: E731
+    hook(1)
+    assert (read()["epoch"], read()["step"], read()["steps_per_epoch"]) == (1, 1, 3)
+    assert read()["images_per_s"] is None  # no pace yet
+    hook(2)
+    assert read()["images_per_s"] == 2.0  # 4 images in 2 s
+    assert read()["eta_s"] == 1 * 2.0 + 1 * 3 * 2.0  # one step left, then a 3-step epoch
+    hook(3)
+    (out / "history.json").write_text(json.dumps([{"epoch": 1, "steps": 3}]))
+    hook(4)  # epoch 2's first step: epoch 1 took 10 s wall (with validation)
+    p = read()
+    assert (p["epoch"], p["step"], p["images_per_s"]) == (2, 1, 2.0)
+    assert p["eta_s"] == 2 * 2.0
+    hook(5)
+    assert (read()["step"], read()["eta_s"]) == (2, 2.0)
