@@ -240,3 +240,17 @@ def test_the_download_button_runs_the_download_as_a_job(models, tmp_path, monkey
                                    "below, `COVID-19_Radiography_Dataset`.")
     at.text_input(key="train_data_dir").set_value("COVID-19_Radiography_Dataset").run()
     assert "**4 classes, 28 images** (database layout" in texts(at)
+
+
+def test_a_failed_run_shows_its_cause_and_log_and_can_be_resumed(models):
+    code = "print('epoch 1 train', flush=True); raise MemoryError('cannot allocate 2 GB')"
+    jobs.launch([sys.executable, "-c", code], models / "crashed", models)
+    wait_for(lambda: not jobs.status(models).running, 60, "the job to fail")
+    jobs._children.clear()  # as seen by a restarted app
+    at = open_tab()
+    assert not at.exception
+    assert at.error[0].value == ("Training failed: Out of memory: lower the batch size or the "
+                                 "image size (or train in head mode), then start again.")
+    log = at.code[0].value
+    assert "epoch 1 train" in log and "MemoryError: cannot allocate 2 GB" in log
+    assert any(b.label == "Resume training" for b in at.button)
