@@ -149,7 +149,7 @@ def check_dataset(text: str, sample_per_class: int = 300) -> DatasetCheck:
     try:
         ds = discover(path)
     except DatasetError as exc:
-        return DatasetCheck(path=path, problems=[str(exc)])
+        return DatasetCheck(path=path, problems=[_hide_root(str(exc))])
     except OSError as exc:
         return DatasetCheck(path=path, problems=[f"Cannot read {path}: {exc.strerror}."])
     counts = ds.counts()
@@ -171,7 +171,13 @@ def check_dataset(text: str, sample_per_class: int = 300) -> DatasetCheck:
         warnings.append(f"{len(bad)} of {checked} checked files cannot be read as images "
                         f"and will be skipped: {shown}")
     return DatasetCheck(path=path, counts=counts, layout=ds.layout, problems=problems,
-                        warnings=warnings, checked=checked)
+                        warnings=[_hide_root(w) for w in warnings], checked=checked)
+
+
+def _hide_root(message: str) -> str:
+    """``message`` with the data root's server path cut off the paths it names."""
+    root = data_root()
+    return message.replace(f"{root}/", "").replace(str(root), ".") if root else message
 
 
 # ---------------------------------------------------------------- settings and command

@@ -148,6 +148,10 @@ def test_dataset_paths_are_confined_to_the_data_root(tmp_path, monkeypatch):
     monkeypatch.setenv(jobs.ENV_DATA_ROOT, str(root))
     assert jobs.resolve_dataset_path("mine") == inside.resolve()
     assert jobs.check_dataset(str(inside)).ok
+    (root / "mine" / "D").mkdir()  # an empty class: its message names no server path
+    assert jobs.check_dataset("mine").problems == [
+        "Class folder(s) with no images in mine: D. Add .png/.jpg/.jpeg images or remove the "
+        "folder."]
     for text in (str(outside), "link", "../elsewhere", "/etc"):
         check = jobs.check_dataset(text)
         assert not check.ok and check.path is None and check.counts == {}
