@@ -16,7 +16,6 @@ import csv
 import hashlib
 import io
 import logging
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -407,8 +406,12 @@ class CXRDataset(torch.utils.data.Dataset):
         try:
             gray = load_gray(self.root / row["path"])
         except InvalidImageError as exc:  # the file changed after the manifest was written
-            warnings.warn(f"{exc}; using a blank image in its place", stacklevel=2)
-            gray = np.zeros((self.transform.cfg.img_size,) * 2, np.float32)
+            # Never a blank image in its place: it would be trained on or scored silently.
+            raise DatasetError(
+                f"{row['path']} (under {self.root}) can no longer be read ({exc}); it was "
+                "readable when the split manifest was written. Restore the file, or start a "
+                "new run so that the manifest leaves it out."
+            ) from exc
         if not self.lung_masks:
             return self.transform(gray), self.targets[i]
         from core import lungs

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.config import DataConfig
@@ -192,3 +193,24 @@ def test_16bit_images_hash_as_the_8bit_image_the_model_sees(tmp_path):
             assert _hamming(h16[i], h16[j]) > dist, (i, j)
     groups = group_duplicates([file_hashes(p)[0] for p in paths8 + paths16], h8 + h16, dist)
     assert groups[:3] == groups[3:] and len(set(groups)) == 3
+
+
+def test_an_image_unreadable_after_the_manifest_fails_with_its_name(tmp_path):
+    """A file that became unreadable after the split was written is an error naming it,
+    never a blank image that would be trained on or scored."""
+    from core.config import PreprocessConfig
+    from core.data import CXRDataset
+    from core.preprocess import build_transform
+
+    root = make_dataset(tmp_path / "ds", per_class=12)
+    m = build_manifest(DataConfig(data_dir=str(root)), progress=False)
+    rows = m.split("test")
+    ds = CXRDataset(root, rows, m.classes, build_transform(PreprocessConfig(img_size=32)))
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and y == m.classes.index(rows[0]["class"])
+    (root / rows[1]["path"]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DatasetError, match=f"{rows[1]['path']}.*Restore the file"):
+        ds[1]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    with pytest.raises(DatasetError, match=rows[1]["path"]):
+        list(loader)
