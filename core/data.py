@@ -16,7 +16,6 @@ import csv
 import hashlib
 import io
 import logging
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from PIL import Image
 
 from core.config import DataConfig
 from core.errors import CheckpointError, DatasetError, InvalidImageError
-from core.preprocess import Transform, load_gray
+from core.preprocess import Transform, load_gray, load_gray_bytes, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +122,21 @@ PHASH_SIZE = 16  # 16x16 = 256-bit pHash
 def file_hashes(path: Path) -> tuple[str, int]:
     """(sha1 of the bytes, 256-bit perceptual hash) of one image file.
 
-    A 256-bit pHash (imagehash, ``hash_size=16``) rather than the usual 64-bit one: every
-    chest X-ray shares the same low-frequency layout, and on the shared real set the 64-bit
-    hash put different patients within 4 bits of each other (false merges).
+    The pHash is taken of the 8-bit image the model sees: the preprocessing contract's
+    grayscale decode (:func:`core.preprocess.load_gray_bytes`, 16-bit data scaled by its bit
+    depth) rounded to 8 bits. Pillow's ``convert("L")`` would clip 16-bit data to white, so
+    distinct 16-bit X-rays would all hash alike. A 256-bit pHash (imagehash,
+    ``hash_size=16``) rather than the usual 64-bit one: every chest X-ray shares the same
+    low-frequency layout, and on the shared real set the 64-bit hash put different patients
+    within 4 bits of each other (false merges). Raises InvalidImageError (a ValueError) for
+    a file that cannot be decoded.
     """
     import imagehash
 
     data = path.read_bytes()
     sha1 = hashlib.sha1(data).hexdigest()
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        ph = imagehash.phash(img.convert("L"), hash_size=PHASH_SIZE)
+    seen = Image.fromarray(to_uint8(load_gray_bytes(data)))
+    ph = imagehash.phash(seen, hash_size=PHASH_SIZE)
     return sha1, int(str(ph), 16)
 
 
@@ -403,8 +406,12 @@ class CXRDataset(torch.utils.data.Dataset):
         try:
             gray = load_gray(self.root / row["path"])
         except InvalidImageError as exc:  # the file changed after the manifest was written
-            warnings.warn(f"{exc}; using a blank image in its place", stacklevel=2)
-            gray = np.zeros((self.transform.cfg.img_size,) * 2, np.float32)
+            # Never a blank image in its place: it would be trained on or scored silently.
+            raise DatasetError(
+                f"{row['path']} (under {self.root}) can no longer be read ({exc}); it was "
+                "readable when the split manifest was written. Restore the file, or start a "
+                "new run so that the manifest leaves it out."
+            ) from exc
         if not self.lung_masks:
             return self.transform(gray), self.targets[i]
         from core import lungs

@@ -538,7 +538,8 @@ def source_report(data_dir: str | Path, classes: Sequence[str],
     """Image sources per class from ``<Class>.metadata.xlsx`` (grouped by URL/source).
 
     With ``preds`` also the evaluated images per source and the accuracy on them (joined
-    on the file name). Never raises: problems become ``available: false`` with a reason.
+    on the file name). A bad or unreadable spreadsheet becomes ``available: false``
+    with a reason; other errors (bugs) propagate.
     """
     root = Path(data_dir)
     files = {c: root / f"{c}.metadata.xlsx" for c in classes}
@@ -566,7 +567,7 @@ def source_report(data_dir: str | Path, classes: Sequence[str],
             if name is not None:
                 for f, s in zip(df[name].astype(str), values, strict=True):
                     source_of[Path(f.strip()).stem.lower()] = s
-    except Exception as exc:  # unreadable spreadsheet, missing openpyxl, ...: report, don't fail
+    except _spreadsheet_errors() as exc:  # a bad or unreadable spreadsheet: report, don't fail
         return {"available": False, "reason": f"cannot read metadata: {type(exc).__name__}: {exc}",
                 "per_class": {}}
     out: dict[str, Any] = {"available": True, "reason": None, "per_class": per_class,
@@ -574,6 +575,22 @@ def source_report(data_dir: str | Path, classes: Sequence[str],
     if preds is not None and source_of:
         out["evaluated_by_source"] = _by_source(preds, source_of)
     return out
+
+
+def _spreadsheet_errors() -> tuple[type[BaseException], ...]:
+    """What reading a bad ``metadata.xlsx`` raises: I/O, not a zip or truncated (zipfile,
+    EOFError), broken XML inside (a SyntaxError), not a workbook (openpyxl), no Excel
+    reader installed (ImportError), odd content (pandas' ValueError/KeyError). Programming
+    errors (TypeError, AttributeError, ...) are not caught."""
+    import zipfile
+
+    errors: tuple[type[BaseException], ...] = (
+        OSError, EOFError, zipfile.BadZipFile, SyntaxError, ImportError, ValueError, KeyError)
+    try:
+        from openpyxl.utils.exceptions import InvalidFileException
+    except ImportError:
+        return errors
+    return (*errors, InvalidFileException)
 
 
 def _confounded(per_class: dict[str, Any]) -> bool:
