@@ -28,3 +28,7 @@ class CheckpointError(CXRError, RuntimeError):
 
 class WeightsUnavailableError(CXRError, RuntimeError):
     """Pretrained weights could not be obtained (typically: no internet)."""
+
+
+class ManifestChangedError(DatasetError):
+    """A run's ``manifest.csv`` is not the one its checkpoint was trained on."""

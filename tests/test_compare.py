@@ -1,7 +1,7 @@
 """core.compare: rows from reports and the documented rule that picks a lung view.
 
 The reports are real ones: ``small_run``'s report as the template, with its metric sections
-computed by ``core.evaluate.score_predictions`` from constructed predictions (exact
+computed by ``core.report.score_predictions`` from constructed predictions (exact
 accuracies), and every document validated against ``core/schemas/metrics.schema.json``.
 """
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import compare
-from core import evaluate as E
+from core import compare, scoring
+from core import report as R
 from core.errors import DatasetError
 
 N = 200
 
 
-def _preds(classes: list[str], acc: float, periphery: float, seed: int) -> E.Predictions:
+def _preds(classes: list[str], acc: float, periphery: float, seed: int) -> scoring.Predictions:
     """N images whose argmax is right for exactly ``acc`` x N of them, with occlusion-probe
     logits right for ``periphery`` x N (periphery only) and half (centre only)."""
     rng = np.random.default_rng(seed)
@@ -36,7 +36,7 @@ def _preds(classes: list[str], acc: float, periphery: float, seed: int) -> E.Pre
         out[np.arange(N), pred] += 2.0
         return out
 
-    return E.Predictions([f"{classes[c]}/images/{i}.png" for i, c in enumerate(y)], y,
+    return scoring.Predictions([f"{classes[c]}/images/{i}.png" for i, c in enumerate(y)], y,
                          logits(acc), list(classes),
                          probe_logits={"periphery": logits(periphery), "centre": logits(0.5)})
 
@@ -45,7 +45,7 @@ def write_report(template: dict, run: Path, view: str, acc: float, peri: float,
                  focus: float | None, ext_acc: float | None = None, seed: int = 0) -> dict:
     doc = copy.deepcopy(template)
     classes = doc["run"]["classes"]
-    doc.update(E.score_predictions(_preds(classes, acc, peri, seed), n_resamples=200))
+    doc.update(R.score_predictions(_preds(classes, acc, peri, seed), n_resamples=200))
     doc["run"]["lung_view"] = view
     if focus is None:
         doc["lung_focus"] = None
@@ -53,11 +53,11 @@ def write_report(template: dict, run: Path, view: str, acc: float, peri: float,
         doc["lung_focus"]["overall"]["mean"] = focus
     doc["external"] = None
     if ext_acc is not None:
-        ext = E.score_predictions(_preds(classes, ext_acc, 0.5, seed + 100), n_resamples=200)
+        ext = R.score_predictions(_preds(classes, ext_acc, 0.5, seed + 100), n_resamples=200)
         ext.pop("shortcut", None)
         doc["external"] = {"data_dir": "/external", "class_map": {c: c for c in classes},
-                           "overlap_with_manifest": 0, **ext, "drop": E.drop_block(doc, ext)}
-    E.validate_document(doc)  # what core.evaluate would write
+                           "overlap_with_manifest": 0, **ext, "drop": R.drop_block(doc, ext)}
+    R.validate_document(doc)  # what core.evaluate would write
     (run / "report").mkdir(parents=True)
     (run / "report" / "metrics.json").write_text(json.dumps(doc))
     return doc

@@ -22,7 +22,8 @@ import torch
 from core import gradcam, quantize
 from core.errors import ConfigError
 from core.inference import Predictor
-from core.model import load_checkpoint, save_checkpoint
+from core.model import load_checkpoint
+from core.sidecars import load_run_checkpoint, sidecar_path
 from tests.test_inference import assert_threads_match_serial, make_ckpt, xray_like
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +33,8 @@ def _loader(run: Path, real_dir: Path, split: str):
     from torch.utils.data import DataLoader
 
     from core.data import load_manifest
-    from core.evaluate import evaluation_dataset
     from core.model import preprocess_config_of
+    from core.scoring import evaluation_dataset
 
     ckpt = load_checkpoint(run)
     rows = load_manifest(run.parent / "manifest.csv", real_dir).split(split)
@@ -56,10 +57,10 @@ def int8_run(trained_run: Path, real_dir: Path, tmp_path_factory: pytest.TempPat
     if not quantize.available():
         pytest.skip(f"this torch build has no FX int8 quantisation ({quantize.DEFAULT_ENGINE} "
                     "engine)")
-    if quantize.KEY in load_checkpoint(trained_run):
+    if quantize.KEY in load_run_checkpoint(trained_run):
         return trained_run
     run = tmp_path_factory.mktemp("int8_run")
-    for name in ("best.pt", "manifest.csv"):
+    for name in ("best.pt", "manifest.csv", "best.calibration.json", "best.ood.safetensors"):
         shutil.copy2(trained_run.parent / name, run / name)
     quantize.calibrate_run_int8(run, real_dir, min_agreement=0.9, max_fp32_share=1.0,
                                 progress=False)
@@ -74,12 +75,11 @@ def int8_pair(int8_run: Path) -> tuple[Predictor, Predictor]:
 
 
 def _small_copy(small_run: Path, dest: Path) -> tuple[Path, Path]:
-    """(a copy of small_run's best.pt without its int8 block, the run's data folder)."""
+    """(a copy of small_run's best.pt and sidecars without its int8 block, the run's data
+    folder)."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(small_run / "manifest.csv", dest / "manifest.csv")
-    ckpt = load_checkpoint(small_run / "best.pt")
-    ckpt.pop(quantize.KEY, None)
-    save_checkpoint(ckpt, dest / "best.pt")
+    for name in ("best.pt", "manifest.csv", "best.calibration.json", "best.ood.safetensors"):
+        shutil.copy2(small_run / name, dest / name)
     data_dir = Path(json.loads((small_run / "config.json").read_text())["data"]["data_dir"])
     return dest / "best.pt", data_dir
 
@@ -110,9 +110,7 @@ def test_the_storage_rule_at_its_bars(small_run: Path, tmp_path: Path, monkeypat
              ({"top1_agreement": 0.9899, "fp32_share": 0.0}, "below 99%"),
              ({"top1_agreement": 1.0, "fp32_share": 0.2501}, "would need the fp32")]
     for figures, refusal in cases:
-        ckpt = load_checkpoint(best)
-        ckpt.pop(quantize.KEY, None)
-        save_checkpoint(ckpt, best)
+        sidecar_path(best, "int8").unlink(missing_ok=True)
         monkeypatch.setattr(quantize, "close_call_check",
                             lambda *a, f=figures, **k: {**real(*a, **k), **f})
         if refusal:
@@ -125,7 +123,7 @@ def test_the_storage_rule_at_its_bars(small_run: Path, tmp_path: Path, monkeypat
         summary = json.loads((best.parent / "int8.json").read_text())
         assert summary["stored"] is (refusal is None), figures
         assert (summary["min_agreement"], summary["max_fp32_share"]) == (0.99, 0.25)
-        assert (quantize.KEY in load_checkpoint(best)) is (refusal is None)
+        assert (quantize.KEY in load_run_checkpoint(best)) is (refusal is None)
         backend = Predictor.from_checkpoint(best, device="cpu").backend
         assert backend == ("jit" if refusal else "int8"), figures
 
@@ -137,12 +135,13 @@ def test_training_ran_the_int8_check_on_validation(small_run: Path) -> None:
     n_val = sum(1 for line in (small_run / "manifest.csv").read_text().splitlines()
                 if line.split(",")[2:3] == ["val"])
     assert summary["check"]["split"] == "val" and summary["check"]["n"] == n_val > 0
-    assert (quantize.KEY in load_checkpoint(small_run / "best.pt")) is summary["stored"]
+    assert (quantize.KEY in load_run_checkpoint(small_run / "best.pt")) is summary["stored"]
+    assert quantize.KEY not in load_checkpoint(small_run / "best.pt")  # a sidecar, not best.pt
 
 
 def test_the_int8_block_loads_with_weights_only(small_int8) -> None:
     best, _ = small_int8
-    ckpt = load_checkpoint(best)  # weights_only=True: the int8 block is plain tensors
+    ckpt = load_run_checkpoint(best)  # weights_only=True: the int8 block is plain tensors
     state = ckpt[quantize.KEY]
     assert state["engine"] == quantize.DEFAULT_ENGINE and state["observers"]
     assert all(isinstance(v, torch.Tensor) for v in state["observers"].values())
@@ -166,7 +165,7 @@ def test_int8_predictor_agrees_with_fp32_on_the_real_test_split(int8_run: Path, 
     unchanged, and the predictor agrees with fp32 on >= 99 % of the images (int8 alone on
     about 98 % for this CI model)."""
     fp32, int8 = int8_pair
-    ckpt = load_checkpoint(int8_run)
+    ckpt = load_run_checkpoint(int8_run)
     alone = Predictor(dict(ckpt, int8={k: v for k, v in ckpt[quantize.KEY].items()
                                        if k != "fp32_margin"}), device="cpu", backend="int8")
     assert alone.fp32_margin == 0 and int8.fp32_margin == ckpt[quantize.KEY]["fp32_margin"] > 0

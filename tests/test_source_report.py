@@ -1,4 +1,4 @@
-"""``core.evaluate.source_report``: a bad ``metadata.xlsx`` is a note, a bug is an error."""
+"""``core.metadata.source_report``: a bad ``metadata.xlsx`` is a note, a bug is an error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core import evaluate as E
+from core import metadata as E
 
 
 def _good_xlsx() -> bytes:
