@@ -95,7 +95,7 @@ def write_calibration(checkpoint: str | Path, temperature: float | None,
     return path
 
 
-def write_ood(checkpoint: str | Path, stats: Mapping[str, Any] | None,
+def write_ood(checkpoint: str | Path, stats: Mapping[str, Any],
               low_confidence: Mapping[str, Any] | None, *, weights_sha256: str) -> Path:
     """``best.ood.safetensors``: each OOD layer's ``mean``, ``projection`` and ``centers``
     as float32 tensors; the other statistics, the low-confidence cut-off and the stamp as
@@ -105,15 +105,13 @@ def write_ood(checkpoint: str | Path, stats: Mapping[str, Any] | None,
 
     checkpoint = Path(checkpoint)
     tensors: dict[str, torch.Tensor] = {}
-    rest: dict[str, Any] | None = None
-    if stats is not None:
-        rest = {k: v for k, v in stats.items() if k != "layers"}
-        rest["layers"] = {}
-        for name, layer in stats["layers"].items():
-            rest["layers"][name] = {k: v for k, v in layer.items() if k not in _TENSORS}
-            for k in _TENSORS:
-                tensors[f"layers.{name}.{k}"] = torch.as_tensor(
-                    layer[k], dtype=torch.float32).detach().cpu().contiguous()
+    rest: dict[str, Any] = {k: v for k, v in stats.items() if k != "layers"}
+    rest["layers"] = {}
+    for name, layer in stats["layers"].items():
+        rest["layers"][name] = {k: v for k, v in layer.items() if k not in _TENSORS}
+        for k in _TENSORS:
+            tensors[f"layers.{name}.{k}"] = torch.as_tensor(
+                layer[k], dtype=torch.float32).detach().cpu().contiguous()
     meta = {k: str(v) for k, v in _stamp(checkpoint, "ood", weights_sha256).items()}
     meta["ood"] = json.dumps(rest, allow_nan=False)
     meta["low_confidence"] = json.dumps(None if low_confidence is None else dict(low_confidence),
@@ -226,7 +224,7 @@ def migrate(checkpoint: str | Path) -> list[Path]:
     for part in PARTS:
         if read_sidecar(checkpoint, part, sha, data_dir) is not None:
             continue
-        if all(ckpt.get(k) is None for k in KEYS[part]):
+        if ckpt.get(KEYS[part][0]) is None:  # no temperature, OOD statistics or int8 block
             continue
         if part == "calibration":
             written.append(write_calibration(checkpoint, ckpt.get("temperature"),
