@@ -87,7 +87,7 @@ def test_summarise_cli_rewrites_the_same_run_json(small_run: Path, tmp_path: Pat
 def test_cli_help() -> None:
     out = subprocess.run([sys.executable, "-m", "core.runs", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    assert "summarise" in out and "dataset" in out
+    assert "summarise" in out and "dataset" in out and "migrate" in out
     out = subprocess.run([sys.executable, "-m", "core.runs", "summarise", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "run_dir" in out
