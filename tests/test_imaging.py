@@ -466,3 +466,13 @@ def test_patient_data_never_logged_or_in_errors(caplog: pytest.LogCaptureFixture
         assert secret not in caplog.text
         for text in texts:
             assert secret not in text
+
+
+def test_intake_imports_neither_torch_nor_the_lung_segmenter() -> None:
+    """Upload intake uses the contract's decode (core.pixels) without loading torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, core.imaging; sys.exit(sum(m in sys.modules for m in ('torch', 'core.lungs')))"
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
