@@ -43,14 +43,15 @@ def add_metrics_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_metrics(args: argparse.Namespace) -> int:
-    """Time the full metric report (core.evaluate.score_predictions) on synthetic predictions.
+    """Time the full metric report (core.report.score_predictions) on synthetic predictions.
 
     Covers everything evaluation computes after inference: calibration before/after, ROC-AUC
     and AP, count metrics at argmax and at an operating point, curves, and (by default) the
     two occlusion-probe conditions, all with the shared stratified bootstrap.
     """
     from core import metrics as M
-    from core.evaluate import Predictions, score_predictions
+    from core.report import score_predictions
+    from core.scoring import Predictions
 
     rng = np.random.default_rng(args.seed)
     k, n = args.classes, args.n

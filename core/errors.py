@@ -47,3 +47,7 @@ class JobRunningError(JobError):
 
 class TrainingDisabledError(JobError):
     """In-app training is turned off on this deployment (``CXR_ALLOW_TRAINING=0``)."""
+
+
+class ManifestChangedError(DatasetError):
+    """A run's ``manifest.csv`` is not the one its checkpoint was trained on."""

@@ -420,6 +420,7 @@ class Trainer:
             "epoch": epoch,
             "val_metrics": {k: float(v) for k, v in val.items() if isinstance(v, int | float)},
             "manifest_sha256": self.manifest.sha256(),
+            "manifest_splits": self.manifest.split_digests(),
             "versions": model_lib.library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
