@@ -607,8 +607,8 @@ def dataset_summary(manifest: Manifest, sources: dict | None = None) -> dict:
 
 
 if __name__ == "__main__":  # python -m core.data download [--dest D]: see core.download
-    import sys
+    # The download builds on this module (it verifies with discover), so the library never
+    # imports it: the command line alone forwards to it by name.
+    import runpy
 
-    from core.download import main
-
-    sys.exit(main())
+    runpy.run_module("core.download", run_name="__main__", alter_sys=True)
