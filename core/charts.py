@@ -8,6 +8,7 @@ other traces are drawn in neutral greys with distinct dashes so they never look 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,9 +23,10 @@ SEQUENTIAL = "Blues"
 
 def _style(fig: go.Figure, title: str | None = None, height: int = 440) -> go.Figure:
     fig.update_layout(template="plotly_white", height=height, font={"size": FONT_SIZE},
-                      title={"text": title} if title else None,
-                      margin={"l": 60, "r": 20, "t": 60 if title else 20, "b": 60},
-                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0})
+                      title={"text": title, "x": 0, "xanchor": "left"} if title else None,
+                      margin={"l": 70, "r": 30, "t": 60 if title else 30, "b": 30},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.2, "x": 0,
+                              "xanchor": "left"})
     return fig
 
 
@@ -45,12 +47,14 @@ def confusion_figure(labels: Sequence[str], counts: Sequence[Sequence[float]],
     z = row_normalise(cm) if normalised else cm
     text = [[("–" if np.isnan(v) else f"{100 * v:.1f}%") if normalised else f"{int(v)}"
              for v in row] for row in z]
+    finite = z[np.isfinite(z)]
+    zmax = 1.0 if normalised else max(1.0, float(finite.max()) if finite.size else 1.0)
     fig = go.Figure(go.Heatmap(
         z=z, x=labels, y=labels, text=text, texttemplate="%{text}",
-        textfont={"size": FONT_SIZE + 3}, colorscale=SEQUENTIAL, zmin=0,
-        zmax=1 if normalised else max(1.0, float(np.nanmax(z)) if z.size else 1.0),
+        textfont={"size": FONT_SIZE + 3}, colorscale=SEQUENTIAL, zmin=0, zmax=zmax,
         colorbar={"title": "share of row" if normalised else "images",
-                  "tickformat": ".0%" if normalised else "d"},
+                  "tickformat": ".0%" if normalised else "d",
+                  "dtick": 0.25 if normalised else max(1, math.ceil(zmax / 5))},
         hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"))
     fig.update_xaxes(title="Predicted class", side="bottom")
     fig.update_yaxes(title="True class", autorange="reversed")
@@ -79,7 +83,7 @@ def roc_figure(roc: dict[str, Any], colours: dict[str, str],
         _class_curve(fig, curve["fpr"], curve["tpr"], cls, colours.get(cls, NEUTRAL[0]), name)
     fig.update_xaxes(title="1 − specificity (false-positive rate)", range=[0, 1])
     fig.update_yaxes(title="Sensitivity (true-positive rate)", range=[0, 1.02])
-    return _style(fig, "ROC curves (one class vs the rest)")
+    return _style(fig, "ROC curves (one class vs the rest)", height=520)
 
 
 def pr_figure(pr: dict[str, Any], colours: dict[str, str],
@@ -99,7 +103,7 @@ def pr_figure(pr: dict[str, Any], colours: dict[str, str],
                                      line={"color": colour, "dash": "dot", "width": 1.5}))
     fig.update_xaxes(title="Recall (sensitivity)", range=[0, 1])
     fig.update_yaxes(title="Precision (PPV)", range=[0, 1.02])
-    return _style(fig, "Precision-recall curves (dotted: prevalence)")
+    return _style(fig, "Precision-recall curves (dotted: prevalence)", height=520)
 
 
 def reliability_figure(calibration: dict[str, Any]) -> go.Figure:
@@ -125,7 +129,7 @@ def reliability_figure(calibration: dict[str, Any]) -> go.Figure:
                           "<extra></extra>"))
     fig.update_xaxes(title="Mean confidence (top class)", range=[0, 1.02])
     fig.update_yaxes(title="Accuracy", range=[0, 1.02])
-    return _style(fig, "Reliability diagram")
+    return _style(fig, "Reliability diagram", height=520)
 
 
 def history_figure(history: Sequence[dict[str, Any]]) -> go.Figure:
@@ -144,7 +148,7 @@ def history_figure(history: Sequence[dict[str, Any]]) -> go.Figure:
                                                                  "width": 3}), row=1, col=col)
     fig.update_xaxes(title="Epoch", dtick=1 if len(epochs) <= 20 else None)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
-    return _style(fig, None, height=420)
+    return _style(fig, None, height=460).update_layout(legend={"y": -0.25})
 
 
 def operating_figure(table: Any, cls: str, threshold: float) -> go.Figure:
@@ -158,7 +162,8 @@ def operating_figure(table: Any, cls: str, threshold: float) -> go.Figure:
         fig.add_trace(go.Scatter(x=list(table["threshold"]), y=list(table[key]), name=name,
                                  mode="lines", line={"color": colour, "dash": dash, "width": 3}))
     fig.add_vline(x=threshold, line={"color": "#000000", "width": 2, "dash": "dashdot"},
-                  annotation_text=f"threshold {threshold:.3f}", annotation_position="top")
+                  annotation_text=f"threshold {threshold:.3f}",
+                  annotation_position="top left" if threshold > 0.5 else "top right")
     fig.update_xaxes(title=f"Threshold on the {cls} probability", range=[0, 1])
-    fig.update_yaxes(title="Value", range=[0, 1.05])
-    return _style(fig, None, height=380)
+    fig.update_yaxes(title="Value", range=[0, 1.08])
+    return _style(fig, None, height=460)

@@ -164,9 +164,10 @@ def headline(run: RunArtifacts) -> list[Kpi]:
         block, where = report.get("at_argmax") or {}, "argmax"
         cls = cls or ("COVID" if "COVID" in run.classes else (run.classes or [None])[0])
     per = ((block or {}).get("per_class") or {}).get(cls or "", {})
-    kpis.append(Kpi(f"{cls} sensitivity ({where})", per.get("sensitivity"), True,
+    suffix = "" if where == "operating point" else " (argmax)"
+    kpis.append(Kpi(f"{cls} sensitivity{suffix}", per.get("sensitivity"), True,
                     f"Share of {cls} images flagged as {cls} at the {where}."))
-    kpis.append(Kpi(f"{cls} PPV ({where})", per.get("ppv"), True,
+    kpis.append(Kpi(f"{cls} PPV{suffix}", per.get("ppv"), True,
                     f"Share of {cls} calls that are {cls}, at this test set's prevalence."))
     return kpis
 
@@ -210,11 +211,9 @@ def sample_prevalence(report: dict[str, Any], classes: Sequence[str]) -> dict[st
     return {c: counts.get(c, 0) / n for c in classes}
 
 
-def per_class_rows(report: dict[str, Any], block_name: str = "at_argmax",
-                   prevalence: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def per_class_rows(report: dict[str, Any], block_name: str = "at_argmax") -> list[dict[str, Any]]:
     """One row per class from a decision block: support, sensitivity, specificity, PPV, NPV,
-    F1 (report Metrics with CIs), ROC-AUC (threshold-free) and, where a prevalence is given
-    for the class, PPV and NPV at that prevalence (Bayes' rule, no interval)."""
+    F1 (report Metrics with CIs) and ROC-AUC (threshold-free)."""
     block = report.get(block_name) or {}
     ranking = (report.get("threshold_free") or {}).get("per_class") or {}
     rows = []
@@ -222,18 +221,26 @@ def per_class_rows(report: dict[str, Any], block_name: str = "at_argmax",
         row: dict[str, Any] = {"Class": cls, "Support": per.get("support")}
         row.update({label: per.get(key) for key, label in PER_CLASS_COLUMNS.items()})
         row["ROC-AUC"] = (ranking.get(cls) or {}).get("roc_auc")
-        p = (prevalence or {}).get(cls)
-        if p is not None:
-            sens = (per.get("sensitivity") or {}).get("value")
-            spec = (per.get("specificity") or {}).get("value")
-            adj = prevalence_adjusted(np.array([np.nan if sens is None else sens]),
-                                      np.array([np.nan if spec is None else spec]),
-                                      np.array([p]))
-            for key, label in (("ppv_at_prevalence", "PPV at prevalence"),
-                               ("npv_at_prevalence", "NPV at prevalence")):
-                v = float(adj[key][0])
-                row[label] = None if not np.isfinite(v) else v
         rows.append(row)
+    return rows
+
+
+def prevalence_rows(report: dict[str, Any], block_name: str,
+                    prevalence: dict[str, float]) -> list[dict[str, Any]]:
+    """PPV and NPV of each class at the prevalence given for it: Bayes' rule
+    (:func:`core.metrics.prevalence_adjusted`) on the block's sensitivity and specificity
+    (point values; None where undefined)."""
+    per_class = (report.get(block_name) or {}).get("per_class") or {}
+    rows = []
+    for cls, p in prevalence.items():
+        per = per_class.get(cls) or {}
+        sens = (per.get("sensitivity") or {}).get("value")
+        spec = (per.get("specificity") or {}).get("value")
+        adj = prevalence_adjusted(np.array([np.nan if sens is None else sens]),
+                                  np.array([np.nan if spec is None else spec]), np.array([p]))
+        rows.append({"Class": cls, "Prevalence": float(p),
+                     "PPV at prevalence": _defined(float(adj["ppv_at_prevalence"][0])),
+                     "NPV at prevalence": _defined(float(adj["npv_at_prevalence"][0]))})
     return rows
 
 

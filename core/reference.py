@@ -8,7 +8,7 @@ whole database; :func:`comparability` says why not otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 REFERENCE_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
@@ -63,6 +63,26 @@ def _row(label: str, ref: float, mine: float | None) -> dict[str, Any]:
     return {"figure": label, "reference": ref, "this run": mine,
             "difference": None if mine is None else round(mine - ref, 6),
             "pct": not label.endswith(("ROC-AUC", "F1"))}
+
+
+def side_by_side(report: dict[str, Any], fmt: Callable[[float, bool], str]
+                 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The comparison as two compact tables of text cells ``"reference → this run"``:
+    overall (one row) and per class (one row per reference class). ``fmt(value, pct)``
+    formats one figure (the dashboard passes ``core.ui.fmt_metric``)."""
+    def cell(r: dict[str, Any]) -> str:
+        mine = "–" if r["this run"] is None else fmt(r["this run"], r["pct"])
+        return f"{fmt(r['reference'], r['pct'])} → {mine}"
+
+    rows = comparison_rows(report)
+    n_overall = len(OVERALL_LABELS)
+    overall = {"": "reference → this run"}
+    overall.update({r["figure"]: cell(r) for r in rows[:n_overall]})
+    per_class = []
+    for cls in REFERENCE_CLASSES:
+        mine = [r for r in rows[n_overall:] if r["figure"].startswith(f"{cls} ")]
+        per_class.append({"Class": cls, **{r["figure"][len(cls) + 1:]: cell(r) for r in mine}})
+    return [overall], per_class
 
 
 def comparability(classes: Sequence[str], counts: dict[str, int] | None = None) -> list[str]:

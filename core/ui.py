@@ -150,15 +150,24 @@ def checklist(checks: list[Any]) -> None:
             st.info(f"**{c.what}**: {c.detail}{fix}", icon="❌")
 
 
-def metric_table(rows: list[dict[str, Any]], pct: tuple[str, ...] = ()) -> None:
+def metric_table(rows: list[dict[str, Any]], pct: tuple[str, ...] = (),
+                 transpose: bool = False) -> None:
     """Rows whose values are report Metrics (``{value, ci95}``) or plain numbers, shown as
-    text with their intervals (``fmt_metric``); columns in ``pct`` as percentages."""
+    text with their intervals (``fmt_metric``); columns in ``pct`` as percentages. With
+    ``transpose`` the first column's values (e.g. the classes) become the columns, which
+    keeps a table of many figures narrow."""
     def cell(col: str, v: Any) -> Any:
         if v is None:
             return "–"
         return fmt_metric(v, pct=col in pct) if isinstance(v, (dict, float)) else v
 
-    st.dataframe([{k: cell(k, v) for k, v in r.items()} for r in rows], hide_index=True)
+    text = [{k: cell(k, v) for k, v in r.items()} for r in rows]
+    if transpose and text:
+        first = next(iter(text[0]))
+        names = [str(r[first]) for r in text]
+        text = [{first: k, **{n: str(r[k]) for n, r in zip(names, text, strict=True)}}
+                for k in text[0] if k != first]
+    st.dataframe(text, hide_index=True)
 
 
 def load_run_named(name: str) -> runs.RunArtifacts | None:
@@ -172,3 +181,9 @@ def load_run_named(name: str) -> runs.RunArtifacts | None:
 def run_names() -> list[str]:
     """The names of the runs under the models folder, newest first."""
     return [r.name for r in available_runs(str(runs.models_dir()))]
+
+
+def chart(fig: Any, key: str) -> None:
+    """A Plotly figure as built by ``core.charts`` (its own template and font sizes, not the
+    Streamlit theme's smaller ones)."""
+    st.plotly_chart(fig, theme=None, key=key)

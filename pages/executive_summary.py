@@ -64,14 +64,12 @@ st.markdown("The reference notebook (ResNet50, frozen ImageNet backbone, the ful
             "database) published these test figures at the most probable class.")
 for reason in reference.comparability(run.classes, overview.dataset_totals(run)):
     st.warning(f"Not directly comparable: {reason}", icon="⚖️")
-rows = [{"Figure": r["figure"], "Reference": ui.fmt_metric(r["reference"], r["pct"]),
-         "This run": "–" if r["this run"] is None else ui.fmt_metric(r["this run"], r["pct"]),
-         "Difference": "–" if r["difference"] is None else
-         (f"{100 * r['difference']:+.1f} points" if r["pct"] else f"{r['difference']:+.3f}")}
-        for r in reference.comparison_rows(report)]
-st.dataframe(rows, hide_index=True, height=36 * (len(rows) + 1) + 2)
-st.caption("This run's per-class figures are at the most probable class, like the "
-           "reference's; '–' where this run lacks the class.")
+overall, per_class = reference.side_by_side(report, ui.fmt_metric)
+st.dataframe(overall, hide_index=True)
+st.dataframe(per_class, hide_index=True)
+st.caption("Each cell: the reference's figure → this run's. Per-class figures are at the most "
+           "probable class, as the reference reported them; '–' where this run lacks the "
+           "class.")
 
 # ---- model card
 st.header("Model card")

@@ -38,13 +38,12 @@ with left:
         op_text = (f"{op['class']} when its probability ≥ {op['threshold']:.3f}"
                    if op.get("threshold") is not None else "none (most probable class)")
         st.markdown(
-            f"| | |\n|---|---|\n"
-            f"| Run | **{run.name}** |\n"
-            f"| Created | {overview.created(run)} |\n"
-            f"| Classes | {', '.join(run.classes) or 'unknown'} |\n"
-            f"| Network | {run.arch or 'unknown'}, {run.img_size or '?'} px input |\n"
-            f"| Lung view | {run.lung_view} |\n"
-            f"| Operating point | {op_text} |\n"
+            f"**Run:** {run.name}  \n"
+            f"**Created:** {overview.created(run)}  \n"
+            f"**Classes:** {', '.join(run.classes) or 'unknown'}  \n"
+            f"**Network:** {run.arch or 'unknown'}, {run.img_size or '?'} px input  \n"
+            f"**Lung view:** {run.lung_view}  \n"
+            f"**Operating point:** {op_text}"
         )
         if run.report is not None:
             st.markdown("**Headline figures** (test split, 95% confidence intervals)")

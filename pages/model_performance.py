@@ -33,14 +33,23 @@ tabs = st.tabs(["Confusion matrix", "Per-class metrics", "ROC & PR curves", "Cal
 with tabs[0]:
     cm = block["confusion_matrix"]
     normalised = st.toggle("Row-normalised (share of each true class)", key="cm_normalised")
-    st.plotly_chart(charts.confusion_figure(cm["labels"], cm["counts"], normalised),
-                    key="cm_figure")
-    with st.expander("As a table (counts)"):
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        ui.chart(charts.confusion_figure(cm["labels"], cm["counts"], normalised), "cm_figure")
+    with right:
+        st.markdown("**Counts** (rows: true class; columns: predicted)")
         st.dataframe([{"True class": t, **dict(zip(cm["labels"], row, strict=True))}
                       for t, row in zip(cm["labels"], cm["counts"], strict=True)],
                      hide_index=True, key="cm_table")
+        if cm.get("empty_rows"):
+            st.caption(f"No test images of: {', '.join(cm['empty_rows'])}.")
 
 with tabs[1]:
+    ui.metric_table(overview.per_class_rows(report, rule),
+                    pct=("Sensitivity", "Specificity", "PPV", "NPV"), transpose=True)
+    st.caption("Value [95% CI]. PPV and NPV above are at this test set's class balance; "
+               "ROC-AUC is threshold-free and the same under both rules.")
+    st.subheader("PPV and NPV at your prevalence")
     st.markdown("PPV and NPV depend on how common a class is. Set each class's prevalence in "
                 "the population you have in mind (default: its share of the test set).")
     share = overview.sample_prevalence(report, classes)
@@ -48,23 +57,24 @@ with tabs[1]:
     prevalence = {}
     for col, cls in zip(st.columns(len(classes)), classes, strict=True):
         pct = col.number_input(f"{cls} prevalence (%)", min_value=0.1, max_value=99.9,
-                               value=min(99.9, max(0.1, round(100 * set_prev.get(cls, share[cls]), 1))),
-                               step=0.5,
-                               key=f"prev_{cls}")
+                               value=min(99.9, max(0.1, round(100 * set_prev.get(cls, share[cls]),
+                                                              1))),
+                               step=0.5, key=f"prev_{cls}")
         prevalence[cls] = pct / 100
-    ui.metric_table(overview.per_class_rows(report, rule, prevalence),
-                    pct=("Sensitivity", "Specificity", "PPV", "NPV", "PPV at prevalence",
-                         "NPV at prevalence"))
-    st.caption("PPV and NPV at prevalence: Bayes' rule on the sensitivity and specificity "
-               "(no interval). ROC-AUC is threshold-free and the same under both rules.")
+    ui.metric_table(overview.prevalence_rows(report, rule, prevalence),
+                    pct=("Prevalence", "PPV at prevalence", "NPV at prevalence"))
+    st.caption("Bayes' rule on the sensitivity and specificity above (point values, no "
+               "interval).")
 
 with tabs[2]:
     curves = report.get("curves") or {}
     ranking = (report.get("threshold_free") or {}).get("per_class") or {}
     aucs = {c: (ranking.get(c) or {}).get("roc_auc", {}).get("value") for c in classes}
     left, right = st.columns(2)
-    left.plotly_chart(charts.roc_figure(curves.get("roc") or {}, colours, aucs), key="roc")
-    right.plotly_chart(charts.pr_figure(curves.get("pr") or {}, colours, share), key="pr")
+    with left:
+        ui.chart(charts.roc_figure(curves.get("roc") or {}, colours, aucs), "roc")
+    with right:
+        ui.chart(charts.pr_figure(curves.get("pr") or {}, colours, share), "pr")
 
 with tabs[3]:
     cal = report.get("calibration") or {}
@@ -72,21 +82,24 @@ with tabs[3]:
         st.info("The report has no calibration section.")
     else:
         left, right = st.columns([3, 2], gap="large")
-        left.plotly_chart(charts.reliability_figure(cal), key="reliability")
+        with left:
+            ui.chart(charts.reliability_figure(cal), "reliability")
         with right:
             a, b = st.columns(2)
             ui.kpi(a, "ECE before", (cal.get("before") or {}).get("ece"))
             ui.kpi(b, "ECE after", (cal.get("after") or {}).get("ece"))
             st.markdown(f"Temperature **T = {cal.get('temperature', 1.0):.3g}** "
                         f"({'fitted on validation' if cal.get('fitted') else 'not fitted'}). "
-                        f"NLL {cal['before'].get('nll')} → {cal['after'].get('nll')}; "
-                        f"Brier {cal['before'].get('brier')} → {cal['after'].get('brier')}.")
+                        f"NLL {ui.fmt_metric(cal['before'].get('nll'))} → "
+                        f"{ui.fmt_metric(cal['after'].get('nll'))}; Brier "
+                        f"{ui.fmt_metric(cal['before'].get('brier'))} → "
+                        f"{ui.fmt_metric(cal['after'].get('brier'))}.")
             st.caption("A calibrated model's points lie on the diagonal: of the images it "
                        "calls with 80% confidence, 80% are right.")
 
 with tabs[4]:
     if run.history:
-        st.plotly_chart(charts.history_figure(run.history), key="history")
+        ui.chart(charts.history_figure(run.history), "history")
     else:
         st.info("No training history (`history.json`) beside this run's checkpoint.")
 
@@ -118,9 +131,10 @@ with tabs[5]:
                        f"FN {live['fn']:.0f} · TN {live['tn']:.0f}. At the stored threshold "
                        f"({stored:.4f}) these are the report's operating-point figures.")
             left, right = st.columns(2)
-            left.plotly_chart(charts.confusion_figure(classes, live["confusion"]),
-                              key="op_confusion")
-            right.plotly_chart(charts.operating_figure(live["table"], cls, thr), key="op_curve")
+            with left:
+                ui.chart(charts.confusion_figure(classes, live["confusion"]), "op_confusion")
+            with right:
+                ui.chart(charts.operating_figure(live["table"], cls, thr), "op_curve")
 
 with tabs[6]:
     ext = report.get("external")
@@ -134,9 +148,8 @@ with tabs[6]:
         st.markdown(f"`{ext.get('data_dir')}`: {ext.get('n')} images.")
         ui.metric_table(overview.external_rows(report))
         ecm = (ext.get(rule) or ext["at_argmax"])["confusion_matrix"]
-        st.plotly_chart(charts.confusion_figure(ecm["labels"], ecm["counts"],
-                                                title="External confusion matrix"),
-                        key="ext_confusion")
+        ui.chart(charts.confusion_figure(ecm["labels"], ecm["counts"],
+                                         title="External confusion matrix"), "ext_confusion")
 
 with tabs[7]:
     names = ui.run_names()
