@@ -192,13 +192,14 @@ def shortcut_summary(report: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def external_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Internal vs external figures and their drop (empty when not measured)."""
+    """Internal vs external figures and their drop (internal − external; positive = worse
+    outside), one row per figure; empty when not measured."""
     drop = (report.get("external") or {}).get("drop") or {}
     labels = {"accuracy": "Accuracy", "macro_f1": "Macro F1", "macro_roc_auc": "Macro ROC-AUC"}
-    rows = [{"figure": label, **drop[key]} for key, label in labels.items() if key in drop]
-    for cls, d in (drop.get("per_class_roc_auc") or {}).items():
-        rows.append({"figure": f"{cls} ROC-AUC", **d})
-    return rows
+    pairs = [(label, drop[key]) for key, label in labels.items() if key in drop]
+    pairs += [(f"{cls} ROC-AUC", d) for cls, d in (drop.get("per_class_roc_auc") or {}).items()]
+    return [{"Figure": label, "Internal": d.get("internal"), "External": d.get("external"),
+             "Drop": d.get("drop")} for label, d in pairs]
 
 
 # ------------------------------------------------------------------ per-class table

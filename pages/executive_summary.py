@@ -53,9 +53,10 @@ with external:
         st.info("Not measured: every figure comes from the training database. Add "
                 f"`--external-dir DIR` to `python -m core.evaluate --checkpoint {run.checkpoint}`.")
     else:
-        auc = next((r for r in ext if r["figure"] == "Macro ROC-AUC"), ext[0])
-        st.metric(f"External {auc['figure']}", f"{auc['external']:.3f}",
-                  delta=f"{-auc['drop']:+.3f} vs internal {auc['internal']:.3f}")
+        auc = next((r for r in ext if r["Figure"] == "Macro ROC-AUC"), ext[0])
+        st.metric(f"External {auc['Figure']}", ui.fmt_metric(auc["External"]),
+                  delta=None if auc["Drop"] is None else
+                  f"{-auc['Drop']:+.3f} vs internal {ui.fmt_metric(auc['Internal'])}")
         ui.metric_table(ext)
 
 # ---- reference notebook

@@ -24,7 +24,7 @@ hiding it.
 
 run = ui.pick_run()
 
-left, right = st.columns([3, 2], gap="large")
+left, right = st.columns([1, 1], gap="large")
 with right:
     st.subheader("Status")
     ui.checklist(overview.checklist(run))

@@ -208,3 +208,33 @@ def test_two_run_comparison_uses_core_compare(small_run, tmp_path, monkeypatch):
     assert any(m.value == expected for m in at.markdown)
     verdict = _report(models / "a")["shortcut"]["verdict"]
     assert any(verdict in c.value for c in at.caption)
+
+
+def test_external_validation_is_shown_where_measured(small_run, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    run_dir = _copy_run(small_run, models / "ext")
+    path = run_dir / "report" / "metrics.json"
+    report = json.loads(path.read_text())
+    internal = report["overall"]
+    drop = {k: {"internal": internal[k]["value"], "external": 0.6,
+                "drop": round(internal[k]["value"] - 0.6, 6)}
+            for k in ("accuracy", "macro_f1", "macro_roc_auc")}
+    drop["per_class_roc_auc"] = {c: {"internal": 1.0, "external": 0.7, "drop": 0.3}
+                                 for c in report["run"]["classes"]}
+    report["external"] = {"data_dir": "/elsewhere", "class_map": {}, "overlap_with_manifest": 2,
+                          "n": report["n"], "class_counts": report["class_counts"],
+                          "at_argmax": report["at_argmax"], "drop": drop}
+    path.write_text(json.dumps(report))
+    monkeypatch.setenv("CXR_MODELS_DIR", str(models))
+    at = run_page("pages/model_performance.py")
+    assert not at.exception
+    assert any("2 external images are byte-identical" in w.value for w in at.warning)
+    table = next(d.value for d in at.dataframe if "Drop" in d.value.columns)
+    row = table[table["Figure"] == "Macro ROC-AUC"].iloc[0]
+    assert row["External"] == fmt_metric(0.6)
+    assert row["Drop"] == fmt_metric(drop["macro_roc_auc"]["drop"])
+    assert len(table) == 3 + len(report["run"]["classes"])
+    at = run_page("pages/executive_summary.py")
+    assert not at.exception
+    card = next(m for m in at.metric if m.label == "External Macro ROC-AUC")
+    assert card.value == "0.600"
