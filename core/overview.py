@@ -20,9 +20,8 @@ import numpy as np
 from core import operating
 from core.config import DEFAULT_DATA_DIR
 from core.metrics import prevalence_adjusted
-from core.runs import RunArtifacts
+from core.runs import SEVERITIES, RunArtifacts
 
-SEVERITY_ORDER = ("high", "medium", "low", "info")
 DATASET_COMMAND = ("kaggle datasets download -d tawsifurrahman/covid19-radiography-database "
                    "-p data --unzip")
 TRAIN_COMMAND = "python -m core.train --data-dir {data} --output models/resnet50"
@@ -132,10 +131,11 @@ def checklist(run: RunArtifacts | None) -> list[Check]:
     report_cmd = f"python -m core.evaluate --checkpoint {run.checkpoint}"
     for entry in run.missing:
         what, _, command = entry.partition(": ")
-        if what.strip().lower() == "report":
+        what = what.strip()
+        if what.lower() in ("report", "evaluation report"):
             report_cmd = command or report_cmd
         else:
-            extra.append(Check(what.strip().capitalize(), False, "missing.", command or None))
+            extra.append(Check(what[:1].upper() + what[1:], False, "missing.", command or None))
     checks.append(Check("Evaluation report", run.report is not None,
                         "`report/metrics.json` written" if run.report is not None else
                         "no `report/metrics.json` yet.",
@@ -174,7 +174,7 @@ def headline(run: RunArtifacts) -> list[Kpi]:
 
 def sorted_findings(run: RunArtifacts) -> list[dict[str, Any]]:
     """The findings, most severe first (stable within a severity)."""
-    rank = {s: i for i, s in enumerate(SEVERITY_ORDER)}
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(run.findings, key=lambda f: rank.get(str(f.get("severity")), len(rank)))
 
 
