@@ -58,9 +58,9 @@ def training_data(run: RunArtifacts) -> str:
         if counts.get(split):
             lines.append(f"- {split}: {_counts(counts[split])}")
     if not counts:
-        lines.append("- Class counts per split: not recorded (`dataset.json` is missing; "
-                     "re-train, or summarise the run with `python -m core.runs summarise "
-                     f"{run.path}`).")
+        fix = next((m.partition(": ")[2] for m in run.missing if "dataset.json" in m),
+                   f"python -m core.runs dataset {run.path} --data-dir <dataset>")
+        lines.append(f"- Class counts per split: not recorded (no `dataset.json`: `{fix}`).")
     dup = ds.get("duplicates") or {}
     if dup:
         lines.append(f"- Duplicate groups kept within one split: {dup.get('groups', 0)} "
@@ -186,7 +186,9 @@ def markdown(run: RunArtifacts) -> str:
             f"- Classes: {', '.join(run.classes)}",
             f"- Architecture: {run.arch or 'unknown'}, input {run.img_size or '?'} px, "
             f"lung view `{run.lung_view}`",
-            f"- Created: {overview.created(run)}",
+            f"- Created: {overview.created(run)}"
+            + (f", weights sha256 `{run.weights_sha256[:16]}…`" if run.weights_sha256 else ""),
+            f"- Serving: {run.serving.get('text', 'unknown')}",
             f"- Operating point: {op.get('class')} at threshold {op['threshold']:.4f}"
             if op.get("threshold") is not None else "- Operating point: none (argmax)"]
     body = [f"## {title}\n\n{text}" for title, text in sections(run)]

@@ -8,7 +8,6 @@ pieces (older runs without ``run.json`` or ``dataset.json``, reports without a s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from core import operating
-from core.config import DEFAULT_DATA_DIR
+from core.config import DEFAULT_DATA_DIR, default_data_dir
 from core.metrics import prevalence_adjusted
 from core.runs import SEVERITIES, RunArtifacts
 
@@ -51,22 +50,14 @@ class Kpi:
 
 
 def run_data_dir(run: RunArtifacts | None) -> str | None:
-    """The dataset folder the run was trained on (run.json/dataset.json, config, report)."""
-    if run is None:
-        return None
-    direct = getattr(run, "data_dir", None)
-    if direct:
-        return str(direct)
-    for source in ((run.config or {}).get("data") or {}, (run.report or {}).get("run") or {}):
-        if source.get("data_dir"):
-            return str(source["data_dir"])
-    return None
+    """The dataset folder the run was trained on (``RunArtifacts.data_dir``)."""
+    return None if run is None else run.data_dir
 
 
 def dataset_dir(run: RunArtifacts | None) -> Path | None:
     """The first existing dataset folder: the run's, then ``$CXR_DATA_DIR``, then
     ``data/COVID-19_Radiography_Dataset``; None when none exists."""
-    for cand in (run_data_dir(run), os.environ.get("CXR_DATA_DIR"), DEFAULT_DATA_DIR):
+    for cand in (run_data_dir(run), default_data_dir(), DEFAULT_DATA_DIR):
         if cand and Path(cand).is_dir():
             return Path(cand)
     return None
@@ -75,25 +66,21 @@ def dataset_dir(run: RunArtifacts | None) -> Path | None:
 def screening_class(run: RunArtifacts) -> str | None:
     """The operating point's class (COVID for the database), None without an operating
     point."""
-    cls = getattr(run, "screening_class", None)
-    if cls:
-        return str(cls)
-    op = run.operating_point or {}
-    return op.get("class")
+    return run.screening_class
 
 
 def created(run: RunArtifacts) -> str:
-    """When the run was made: run.json's ``created``, else the report's, else the
-    checkpoint's modification time (UTC, to the minute)."""
-    stamp = getattr(run, "created", None) or (run.summary or {}).get("created") \
-        or ((run.report or {}).get("created_utc"))
-    if stamp:
-        return str(stamp).replace("T", " ").replace("Z", " UTC")[:20].strip()
-    try:
-        mtime = run.checkpoint.stat().st_mtime
-    except OSError:
+    """When the checkpoint was saved, in UTC to the minute (``RunArtifacts.created``)."""
+    stamp = run.created
+    if not stamp:
         return "unknown"
-    return datetime.fromtimestamp(mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    if when.tzinfo is None:
+        return when.strftime("%Y-%m-%d %H:%M")
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def dataset_totals(run: RunArtifacts) -> dict[str, int] | None:

@@ -41,7 +41,9 @@ with left:
             f"**Run:** {run.name}  \n"
             f"**Created:** {overview.created(run)}  \n"
             f"**Classes:** {', '.join(run.classes) or 'unknown'}  \n"
-            f"**Network:** {run.arch or 'unknown'}, {run.img_size or '?'} px input  \n"
+            f"**Network:** {run.arch or 'unknown'}, {run.img_size or '?'} px input, "
+            f"best epoch {run.epoch or '?'} of {run.epochs}  \n"
+            f"**Serving:** {run.serving.get('text', 'unknown')}  \n"
             f"**Lung view:** {run.lung_view}  \n"
             f"**Operating point:** {op_text}"
         )

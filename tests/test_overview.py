@@ -216,3 +216,9 @@ def test_model_card_without_report_or_operating_point(small):
     card = model_card.markdown(bare)
     assert "python -m core.evaluate --checkpoint" in card
     assert "Operating point: none" in card or "No operating point" in card
+
+
+def test_created_is_shown_in_utc(small):
+    assert overview.created(replace(small, summary={"created": "2026-11-30T10:03:52+0100"})) \
+        == "2026-11-30 09:03 UTC"
+    assert overview.created(replace(small, summary={"created": "not a date"})) == "not a date"
