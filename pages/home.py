@@ -4,6 +4,7 @@ it) and the research-use disclaimer."""
 import streamlit as st
 
 from core import overview, ui
+from core.errors import CXRError
 
 st.title("CXR Insight")
 st.caption("Train, audit and demonstrate a chest X-ray classifier.")
@@ -22,7 +23,11 @@ hiding it.
 """
 )
 
-run = ui.pick_run()
+try:
+    run = ui.pick_run()
+except CXRError as exc:  # e.g. a run folder removed while the page was loading
+    st.error(f"Could not read the selected run: {exc}")
+    run = None
 
 left, right = st.columns([1, 1], gap="large")
 with right:

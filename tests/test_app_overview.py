@@ -238,3 +238,31 @@ def test_external_validation_is_shown_where_measured(small_run, tmp_path, monkey
     assert not at.exception
     card = next(m for m in at.metric if m.label == "External Macro ROC-AUC")
     assert card.value == "0.600"
+
+
+def test_pages_without_an_operating_point(small_run, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    run_dir = _copy_run(small_run, models / "argmax")
+    for name in ("run.json", "report/metrics.json"):
+        doc = json.loads((run_dir / name).read_text())
+        doc["operating_point"] = None
+        doc.pop("at_operating_point", None)
+        if name.startswith("report"):
+            doc["at_operating_point"] = None
+        (run_dir / name).write_text(json.dumps(doc))
+    monkeypatch.setenv("CXR_MODELS_DIR", str(models))
+    report = _report(run_dir)
+    at = run_page("pages/executive_summary.py")
+    assert not at.exception
+    per = report["at_argmax"]["per_class"]["COVID"]
+    assert _metrics(at)["COVID sensitivity (argmax)"] == \
+        fmt_metric(per["sensitivity"]["value"], pct=True)
+    at = run_page("pages/model_performance.py")
+    assert not at.exception
+    assert len(at.radio[0].options) == 1  # argmax only
+    assert at.slider(key="op_threshold").value == 0.5
+    at.selectbox(key="op_class").set_value("Normal").run()
+    run = runs.load_run(run_dir)
+    y, proba = operating.records_arrays(run.predictions, run.classes)
+    live = operating.at_threshold(y, proba, run.classes, "Normal", 0.5)
+    assert _metrics(at)["Normal Sensitivity"] == fmt_metric(live["sensitivity"], pct=True)
