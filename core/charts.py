@@ -52,7 +52,8 @@ def confusion_figure(labels: Sequence[str], counts: Sequence[Sequence[float]],
     fig = go.Figure(go.Heatmap(
         z=z, x=labels, y=labels, text=text, texttemplate="%{text}",
         textfont={"size": FONT_SIZE + 3}, colorscale=SEQUENTIAL, zmin=0, zmax=zmax,
-        colorbar={"title": "share of row" if normalised else "images",
+        colorbar={"title": {"text": "share of row" if normalised else "images",
+                            "side": "right"},
                   "tickformat": ".0%" if normalised else "d",
                   "dtick": 0.25 if normalised else max(1, math.ceil(zmax / 5))},
         hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"))
