@@ -212,7 +212,8 @@ def chromium(executable: str | None = None) -> Iterator[Browser]:
 
 
 # Busy while the app view is missing, a script runs (the status widget's running icon), the
-# connection is (re)established, a spinner shows or elements of the previous run are stale.
+# connection is (re)established, a spinner shows, elements of the previous run are stale, an
+# image is still loading or a Plotly chart is not drawn yet.
 # Idle only once nothing of that has been seen for ``quiet`` ms; returns the moment
 # (performance.now()) idleness began, so that timings leave the quiet period out.
 _IDLE_JS = """
@@ -224,7 +225,11 @@ _IDLE_JS = """
     || q('[data-testid="stConnectionStatus"]')
     || q('[data-testid="stSpinner"]')
     || q('[data-testid="stSkeleton"]')
-    || q('[data-stale="true"]');
+    || q('[data-stale="true"]')
+    || [...document.querySelectorAll('[data-testid="stMain"] img')]
+         .some(i => i.loading !== 'lazy' && !i.complete)
+    || [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
+         .some(c => !c.querySelector('.main-svg'));
   const now = performance.now();
   if (busy) { window[key] = null; return false; }
   if (window[key] == null) window[key] = now;
@@ -235,7 +240,8 @@ _IDLE_JS = """
 
 def wait_idle(page: Page, timeout: float = WAIT_S, quiet_ms: float = 500.0) -> float:
     """Wait until the app is idle: the app view is there and, for ``quiet_ms`` in a row, no
-    script is running, no spinner or stale element shows and the connection is up.
+    script is running, no spinner or stale element shows, the connection is up and every
+    image and Plotly chart in the main area is drawn.
 
     Returns the page clock (``performance.now()``, ms) at which idleness began. Raises
     Playwright's ``TimeoutError`` after ``timeout`` seconds.

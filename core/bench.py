@@ -608,6 +608,7 @@ def bench_app(args: argparse.Namespace) -> int:
     (no server, no browser). The app is served by ``core.appserver.AppServer``, as in the
     browser tests.
     """
+    import os
     import tempfile
 
     from core import appserver
@@ -680,7 +681,8 @@ def bench_app(args: argparse.Namespace) -> int:
         return f"| {what} | {seconds:.2f} s | < {target:g} s | {seconds / target:.2f} {verdict} |"
 
     print(f"app: run {checkpoint.parent.name} ({', '.join(classes)}), Chromium {version}, "
-          f"{usable_cpus()} usable CPUs; medians of {n}; images from {images[0].parent}")
+          f"{usable_cpus()} usable CPUs; medians of {n}; "
+          f"images from {os.path.commonpath([str(i.parent) for i in images])}")
     print("| what | median | target | ratio to target |")
     print("| --- | ---: | ---: | ---: |")
     for pg in pages:
