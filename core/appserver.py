@@ -152,10 +152,11 @@ class AppServer:
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            code = self.proc.poll()
+            if code is not None:
                 out = self.output()
                 self.stop()
-                raise AppServerError(f"streamlit exited with code {self.proc.returncode}:\n{out}")
+                raise AppServerError(f"streamlit exited with code {code}:\n{out}")
             if _healthy(self.url):
                 log.info("app server ready at %s", self.url)
                 return self
@@ -166,19 +167,24 @@ class AppServer:
                              f"{self.start_timeout:.0f} s:\n{out}")
 
     def stop(self) -> None:
+        """Terminate the server's process group, kill it if it is still there after
+        ``stop_timeout`` seconds, and remove its log."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)  # its own group: no orphan left behind
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
+        if proc is not None and proc.poll() is None:  # alive: its group is still ours
+            for sig in (signal.SIGTERM, signal.SIGKILL):
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=self.stop_timeout)
+                    os.killpg(proc.pid, sig)  # its own group: nothing it started is left
+                try:
+                    proc.wait(timeout=self.stop_timeout)
+                    break
+                except subprocess.TimeoutExpired:
+                    log.warning("streamlit (pid %d) ignored %s", proc.pid, sig.name)
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
 
     def __enter__(self) -> AppServer:
         return self.start()
