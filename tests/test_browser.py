@@ -77,30 +77,41 @@ def distinguishable(a, b) -> bool:
                                      for c in a.classes)
 
 
+def blend_image(rng: np.random.Generator, a: int, b: int, w: float) -> np.ndarray:
+    """A synthetic image between class ``a`` (weight ``w``) and class ``b``: near the
+    boundary the model's answer is not saturated, so such images tell sessions apart."""
+    mix = w * blob_image(rng, a, 96).astype(float) + (1 - w) * blob_image(rng, b, 96)
+    return np.clip(mix, 0, 255).astype(np.uint8)
+
+
 @pytest.fixture(scope="module")
 def xrays(tmp_path_factory: pytest.TempPathFactory, predictor) -> list[Path]:
     """Eight X-ray files whose answers differ (another file's result shown in a session would
-    fail its check): a synthetic image of each class like those ``small_run`` learnt, then
-    real X-rays from the shared set where it is present (else more synthetic ones), each
-    kept only if ``Predictor.predict`` tells it apart from those already chosen."""
+    fail its check): a synthetic image of each class like those ``small_run`` learnt, real
+    X-rays from the shared set where it is present, then synthetic images between two
+    classes; each kept only if ``Predictor.predict`` tells it apart from those chosen."""
     folder = tmp_path_factory.mktemp("xrays")
     rng = np.random.default_rng(7)
-    candidates = [write_png(folder / f"synthetic-{k}.png", blob_image(rng, k, size=96))
-                  for k in range(3)]
-    if (REAL_DIR / "COVID" / "images").is_dir():
-        candidates += sorted(REAL_DIR.glob("*/images/*.png"))[3::11]
-    candidates += [write_png(folder / f"synthetic-{k}.png", blob_image(rng, k, size=96))
-                   for k in range(3, 60)]
+
+    def candidates():
+        for k in range(3):
+            yield write_png(folder / f"synthetic-{k}.png", blob_image(rng, k, size=96))
+        if (REAL_DIR / "COVID" / "images").is_dir():
+            yield from sorted(REAL_DIR.glob("*/images/*.png"))[3::11]
+        for w in np.linspace(0.2, 0.6, 41):
+            for a, b in ((0, 1), (1, 2), (2, 0)):
+                yield write_png(folder / f"between-{a}-{b}-{w:.2f}.png", blend_image(rng, a, b, w))
+
     chosen: list[Path] = []
     answers: list = []
-    for path in candidates:
+    for path in candidates():
         pred = predictor.predict(path.read_bytes(), name=path.name)
         if all(distinguishable(pred, other) for other in answers):
             chosen.append(path)
             answers.append(pred)
         if len(chosen) == N_SESSIONS:
             return chosen
-    pytest.fail(f"only {len(chosen)} of {len(candidates)} images have answers that differ")
+    pytest.fail(f"only {len(chosen)} images with answers that differ by more than {DISTINCT}")
 
 
 @pytest.fixture(scope="module")
