@@ -38,13 +38,17 @@ PROB_TOL = 1e-5  # the CSV's probabilities (6 decimals) against Predictor.predic
 DISTINCT = 1e-3  # the eight files' answers differ by more than this (100 x PROB_TOL)
 
 
+CHROMIUM = appserver.chromium_path()
+if CHROMIUM is None:  # before any fixture is built (small_run takes a minute)
+    pytest.skip(f"no Chromium found on PATH ({', '.join(appserver.CHROMIUM_NAMES)}): install "
+                "Debian's with `apt-get install chromium`; Playwright cannot download its own "
+                "browser here", allow_module_level=True)
+
+
 @pytest.fixture(scope="module")
 def chromium_exe() -> str:
-    exe = appserver.chromium_path()
-    if exe is None:
-        pytest.skip("no Chromium found on PATH (chromium, chromium-browser): install Debian's "
-                    "with `apt-get install chromium`; Playwright cannot download its own here")
-    return exe
+    assert CHROMIUM is not None
+    return CHROMIUM
 
 
 @pytest.fixture(scope="module")
