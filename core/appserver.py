@@ -43,15 +43,20 @@ WAIT_S = 90.0  # default for every wait: generous for a loaded 2-core machine, y
 
 @dataclass(frozen=True)
 class AppPage:
-    """A page of the dashboard: its URL path (the file stem; "" for the default page) and
-    the title it shows (its ``st.title``)."""
+    """A page of the dashboard: its URL path (the file stem; "" for the default page), the
+    title it shows (its ``st.title``) and its label in the sidebar (``st.Page``'s title)."""
 
     path: str
     title: str
+    nav: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.nav or self.title
 
 
 PAGES: tuple[AppPage, ...] = (
-    AppPage("", "CXR Insight"),
+    AppPage("", "CXR Insight", nav="Home"),
     AppPage("executive_summary", "Executive Summary"),
     AppPage("data_explorer", "Data Explorer"),
     AppPage("model_performance", "Model Performance"),
@@ -273,6 +278,18 @@ def open_page(page: Page, base_url: str, app_page: AppPage, timeout: float = WAI
     page.get_by_role("heading", name=app_page.title, exact=True).first.wait_for(
         timeout=timeout * 1000)
     return wait_idle(page, timeout)  # a new document: performance.now() counts from its start
+
+
+def navigate(page: Page, app_page: AppPage, timeout: float = WAIT_S) -> float:
+    """Go to ``app_page`` by its sidebar link (no reload: the same session), wait until its
+    title shows and the app is idle; returns the milliseconds from the click to idle."""
+    link = page.locator('[data-testid="stSidebarNavLink"]').filter(has_text=app_page.label)
+    link.first.wait_for(timeout=timeout * 1000)
+    start = float(page.evaluate("() => performance.now()"))
+    link.first.click(timeout=timeout * 1000)
+    page.get_by_role("heading", name=app_page.title, exact=True).first.wait_for(
+        timeout=timeout * 1000)
+    return wait_idle(page, timeout) - start
 
 
 def errors_on_page(page: Page) -> list[str]:
