@@ -134,3 +134,70 @@ def kpi(column: Any, label: str, item: Any, pct: bool = False, help: str | None 
     column.metric(label, "undefined" if value is None else f(value), help=help)
     if ci:
         column.caption(f"95% CI {f(ci[0])} – {f(ci[1])}")
+
+
+# ---- business impact ----
+
+# Tornado bars: two Okabe-Ito colours that no class uses, so they are not read as classes.
+TORNADO_COLOURS = {"low": "#56B4E9", "high": "#CC79A7"}  # sky blue, reddish purple
+
+
+def roi_input(container: Any, spec: dict[str, Any]) -> float:
+    """A number input built from one of :func:`core.roi.input_fields` (label, bounds, step,
+    format, help), keyed ``roi_<name>``."""
+    if spec["integer"]:
+        bounds: dict[str, Any] = {"min_value": int(spec["lo"]), "value": int(spec["default"]),
+                                  "step": 1, "format": "%d"}
+        if spec["hi"] is not None:
+            bounds["max_value"] = int(spec["hi"])
+    else:
+        bounds = {"min_value": float(spec["lo"]), "value": float(spec["default"]),
+                  "step": float(spec["step"]), "format": spec["format"]}
+        if spec["hi"] is not None:
+            bounds["max_value"] = float(spec["hi"])
+    return container.number_input(spec["label"], help=spec["help"], key=f"roi_{spec['name']}",
+                                  **bounds)
+
+
+def tornado_chart(bars: list[Any], base_npv: float, swing: float = 0.3) -> Any:
+    """A Plotly tornado chart of :func:`core.roi.tornado`'s bars: NPV with each input moved
+    down and up by ``swing``, widest spread on top, around the base NPV. Draw it with
+    ``theme=None`` so that its larger, darker axis labels stay legible."""
+    import plotly.graph_objects as go
+
+    from core.roi import money
+
+    def fmt(v: float) -> str:
+        return f"{v:,.3g}" if abs(v) < 10 else f"{v:,.0f}"
+
+    axis_font = {"size": 14, "color": "#262730"}
+    labels = [f"{b.label}: {fmt(b.low_value)} to {fmt(b.high_value)}" for b in bars]
+    fig = go.Figure()
+    for key, name, attr in (("low", f"Input −{swing:.0%}", "npv_low"),
+                            ("high", f"Input +{swing:.0%}", "npv_high")):
+        values = [getattr(b, attr) for b in bars]
+        fig.add_trace(go.Bar(
+            y=labels, x=[v - base_npv for v in values], base=base_npv, orientation="h",
+            name=name, marker_color=TORNADO_COLOURS[key],
+            customdata=[money(v) for v in values],
+            hovertemplate="%{y}<br>NPV %{customdata}<extra>" + name + "</extra>"))
+    fig.add_vline(x=base_npv, line_color="#000000", line_width=1.5)
+    fig.update_layout(template="plotly_white", barmode="overlay", height=140 + 34 * len(bars),
+                      margin={"l": 10, "r": 20, "t": 70, "b": 10}, font={"size": 14},
+                      legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0,
+                              "yanchor": "bottom", "font": axis_font},
+                      xaxis={"title": {"text": f"Net present value; the black line is the base, {money(base_npv)}",
+                                       "font": axis_font},
+                             "tickformat": "$.3~s", "tickfont": axis_font},
+                      yaxis={"autorange": "reversed", "tickfont": axis_font, "automargin": True})
+    return fig
+
+
+def change_metric(column: Any, label: str, value: float, baseline: float,
+                  help: str | None = None) -> None:
+    """A count per 1,000 reads with its change against ``baseline`` (fewer is better: green
+    down, red up; grey when unchanged at one decimal)."""
+    delta = round(value - baseline, 1)
+    column.metric(label, f"{value:.1f}", delta=f"{delta:+.1f}" if delta else "no change",
+                  delta_color="inverse" if delta else "off",
+                  delta_arrow="auto" if delta else "off", help=help)
