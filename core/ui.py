@@ -201,3 +201,238 @@ def change_metric(column: Any, label: str, value: float, baseline: float,
     column.metric(label, f"{value:.1f}", delta=f"{delta:+.1f}" if delta else "no change",
                   delta_color="inverse" if delta else "off",
                   delta_arrow="auto" if delta else "off", help=help)
+
+
+# ---- use & explain ----
+# Clinical Predictions, Explainability and Data Explorer: the predictor with an error
+# instead of a traceback, per-upload results cached in the session by content hash, cached
+# dataset reads, and the Plotly charts those pages share.
+
+_ANALYSES_KEY = "_use_analyses"
+_CASES_KEY = "_explain_cases"
+_CHART_FONT = {"size": 15, "color": "#1f1f1f"}
+_TICK_FONT = {"size": 14, "color": "#1f1f1f"}
+
+
+def predictor_or_stop(run: runs.RunArtifacts) -> Any:
+    """The run's shared predictor, or an actionable error and ``st.stop()``."""
+    from core.errors import CXRError
+
+    try:
+        predictor = predictor_for(run)
+    except CXRError as exc:
+        st.error(f"The model of run **{run.name}** cannot be loaded: {exc}")
+        st.stop()
+    _warm_lung_segmenter()
+    return predictor
+
+
+@st.cache_resource(show_spinner="Loading the lung segmenter…")
+def _warm_lung_segmenter() -> bool:
+    """Load the shipped lung segmenter and run it once (its first call costs about a second),
+    so that the first upload is as fast as the next ones."""
+    import numpy as np
+
+    from core import lungs
+
+    lungs.default_segmenter().segment(np.zeros((256, 256), np.float32))
+    return True
+
+
+def _run_key(run: runs.RunArtifacts) -> str:
+    ckpt = Path(run.checkpoint)
+    return f"{ckpt}:{ckpt.stat().st_mtime if ckpt.exists() else 0}"
+
+
+def analyse_uploads(predictor: Any, run: runs.RunArtifacts,
+                    files: list[Any]) -> list[tuple[str, Any]]:
+    """(file name, ``core.clinical.Analysis`` or the ``InvalidImageError``) per upload, in
+    order. Results are kept in the session keyed by the run and the file's content hash, so
+    a rerun (a slider moved) does not run the network again; entries of files no longer
+    uploaded are dropped. The bytes stay in memory."""
+    from core import clinical
+    from core.errors import InvalidImageError
+
+    cache: dict[tuple[str, str], Any] = st.session_state.setdefault(_ANALYSES_KEY, {})
+    run_key = _run_key(run)
+    out, keep = [], set()
+    for f in files:
+        data = f.getvalue()
+        key = (run_key, clinical.content_key(data))
+        keep.add(key)
+        if key not in cache:
+            try:
+                cache[key] = clinical.analyse(predictor, f.name, data)
+            except InvalidImageError as exc:
+                cache[key] = exc
+        out.append((f.name, cache[key]))
+    for stale in set(cache) - keep:
+        del cache[stale]
+    return out
+
+
+def explain_case(predictor: Any, run: runs.RunArtifacts, path: Path, method: str, layer: str,
+                 target: str | None) -> Any:
+    """``core.clinical.analyse`` of one dataset image under a CAM method, layer and target,
+    kept in the session (the last 16), so the opacity slider does not recompute."""
+    from core import clinical
+
+    cache: dict[tuple[Any, ...], Any] = st.session_state.setdefault(_CASES_KEY, {})
+    key = (_run_key(run), str(path), method, layer, target)
+    if key not in cache:
+        with st.spinner(f"Computing {method} at {layer}…"):
+            cache[key] = clinical.analyse(predictor, path.name, path.read_bytes(), method,
+                                          layer, target)
+        while len(cache) > 16:
+            del cache[next(iter(cache))]
+    return cache[key]
+
+
+def dataset_record(run: runs.RunArtifacts) -> dict[str, Any] | None:
+    """``core.explore.dataset_record`` (``dataset.json``, else built from ``manifest.csv``),
+    cached per run folder and its files' modification times."""
+    manifest = Path(run.path) / "manifest.csv"
+    stamp = (*_stamp(Path(run.path)), manifest.stat().st_mtime if manifest.exists() else 0.0)
+    return _dataset_record(str(run.path), stamp, run)
+
+
+@st.cache_data(show_spinner="Reading the dataset record…", max_entries=8)
+def _dataset_record(path: str, stamp: tuple[float, ...],
+                    _run: runs.RunArtifacts) -> dict[str, Any] | None:
+    from core import explore
+
+    return explore.dataset_record(_run)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def thumbnail(path: str, size: int = 192) -> Any:
+    """``core.explore.thumbnail``, or None for a missing or unreadable file."""
+    from core import explore
+    from core.errors import InvalidImageError
+
+    try:
+        return explore.thumbnail(path, size)
+    except InvalidImageError:
+        return None
+
+
+def image_grid(folder: Path, paths: list[str], captions: list[str], per_row: int = 6) -> None:
+    """Thumbnails of dataset images in rows of ``per_row``, captioned; a missing or
+    unreadable file shows as such instead of failing the page."""
+    for start in range(0, len(paths), per_row):
+        cols = st.columns(per_row)
+        for col, path, caption in zip(cols, paths[start : start + per_row],
+                                      captions[start : start + per_row], strict=False):
+            image = thumbnail(str(folder / path))
+            if image is None:
+                col.caption(f"{caption} (missing or unreadable)")
+            else:
+                col.image(image, caption=caption, width="stretch")
+
+
+@st.cache_data(show_spinner="Reading images…", max_entries=8)
+def intensity_histograms(data_dir: str, paths_by_class: dict[str, list[str]]) -> Any:
+    from core import explore
+
+    return explore.intensity_histograms(Path(data_dir), paths_by_class)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def image_sizes(data_dir: str | None, paths_by_class: dict[str, list[str]] | None,
+                dataset: dict[str, Any] | None) -> Any:
+    from core import explore
+
+    return explore.image_sizes(Path(data_dir) if data_dir else None, paths_by_class, dataset)
+
+
+@st.cache_data(show_spinner="Preprocessing…", max_entries=32)
+def preprocessing_steps(path: str, cfg: Any) -> Any:
+    """``core.preview.preprocessing_steps`` of a dataset image under a ``PreprocessConfig``."""
+    from core import preview
+    from core.preprocess import load_gray
+
+    return preview.preprocessing_steps(load_gray(path), cfg)
+
+
+def _style(fig: Any, height: int = 360, x_title: str | None = None,
+           y_title: str | None = None) -> Any:
+    """Legible defaults for a hospital screen: dark 14-15 px text, light grid, no legend title."""
+    fig.update_layout(font=_CHART_FONT, height=height, margin={"l": 10, "r": 10, "t": 48, "b": 10},
+                      legend_title_text="", legend_font=_TICK_FONT, plot_bgcolor="white",
+                      title_font={"size": 17, "color": "#1f1f1f"})
+    fig.update_xaxes(tickfont=_TICK_FONT, title_font=_CHART_FONT, gridcolor="#e5e5e5")
+    fig.update_yaxes(tickfont=_TICK_FONT, title_font=_CHART_FONT, gridcolor="#e5e5e5")
+    if x_title is not None:
+        fig.update_xaxes(title_text=x_title)
+    if y_title is not None:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def results_columns(classes: list[str]) -> dict[str, Any]:
+    """``st.dataframe`` column settings of ``core.clinical.results_table``: readable headers,
+    probabilities as bars with percentages (the CSV keeps the raw columns)."""
+    cfg: dict[str, Any] = {
+        "file": st.column_config.TextColumn("File"),
+        "predicted_class": st.column_config.TextColumn("Predicted class"),
+        "decision": st.column_config.TextColumn("Decision (operating point)"),
+        "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
+        "ood": st.column_config.CheckboxColumn("Unusual image (OOD)"),
+        "lung_focus": st.column_config.NumberColumn("Lung focus", format="%.2f"),
+        "error": st.column_config.TextColumn("Error", width="large"),
+    }
+    for c in classes:
+        cfg[f"prob_{c}"] = st.column_config.ProgressColumn(
+            f"P({c.replace('_', ' ')})", min_value=0.0, max_value=1.0, format="percent")
+    return cfg
+
+
+def probability_chart(probabilities: dict[str, float], classes: list[str],
+                      operating_point: dict[str, Any] | None = None) -> Any:
+    """Horizontal bars of the calibrated probabilities, one colour per class; the operating
+    point's threshold as a dashed line on its class."""
+    import plotly.graph_objects as go
+
+    colours = class_colours(classes)
+    values = [float(probabilities[c]) for c in classes]
+    fig = go.Figure(go.Bar(x=values, y=[c.replace("_", " ") for c in classes], orientation="h",
+                           marker_color=[colours[c] for c in classes],
+                           text=[f"{v:.1%}" for v in values], textposition="outside",
+                           textfont={"size": 15, "color": "#1f1f1f"}, cliponaxis=False,
+                           hovertemplate="%{y}: %{x:.1%}<extra></extra>"))
+    if operating_point and operating_point.get("class") in classes:
+        t = float(operating_point["threshold"])
+        fig.add_vline(x=t, line_dash="dot", line_color="#555555", line_width=2,
+                      annotation_text=f"{operating_point['class']} threshold {t:.0%}",
+                      annotation_position="top", annotation_font=_TICK_FONT)
+    fig.update_xaxes(range=[0, 1.22], tickvals=[0, 0.25, 0.5, 0.75, 1.0], tickformat=".0%")
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    return _style(fig, 110 + 52 * len(classes), "Calibrated probability", "")
+
+
+def class_bars(df: Any, x: str, y: str, classes: list[str], title: str, *,
+               labels: tuple[str, str] = ("", "Images"), barmode: str = "group",
+               horizontal: bool = False, height: int = 360) -> Any:
+    """Bars of ``df`` (category ``x``, value ``y``) coloured by its ``class`` column (one
+    colour per class); ``labels``: the axis titles of ``x`` and ``y``."""
+    import plotly.express as px
+
+    colours = {**class_colours(classes), "all": "#555555"}
+    args = {"x": y, "y": x, "orientation": "h"} if horizontal else {"x": x, "y": y}
+    fig = px.bar(df, color="class", color_discrete_map=colours, barmode=barmode, title=title,
+                 category_orders={"class": [*classes, "all"]}, text_auto=True, **args)
+    fig.update_traces(textfont_size=14, insidetextfont_color="white")
+    if horizontal:
+        fig.update_yaxes(autorange="reversed")
+        return _style(fig, max(height, 240), labels[1], labels[0])
+    return _style(fig, height, labels[0], labels[1])
+
+
+def class_lines(df: Any, x: str, y: str, classes: list[str], title: str,
+                labels: tuple[str, str] = ("", "")) -> Any:
+    import plotly.express as px
+
+    fig = px.line(df, x=x, y=y, color="class", color_discrete_map=class_colours(classes),
+                  category_orders={"class": classes}, title=title)
+    fig.update_traces(line_width=3)
+    return _style(fig, 380, *labels)
