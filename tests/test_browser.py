@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ from tests.conftest import REAL_DIR, blob_image, write_png
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
                     "(pip install -r requirements-dev.txt)")
 
-# more than 90 s on a 2-core machine (about 100 s for the two tests): slow too (CI runs it)
+# more than 90 s on a 2-core machine (90-120 s for the two, beyond small_run): slow too (CI
+# runs slow tests)
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
 WAIT = 120.0  # seconds for any one wait (a loaded 2-core machine); each can still fail
@@ -52,7 +53,7 @@ def chromium_exe() -> str:
 
 
 @pytest.fixture(scope="module")
-def app_url(chromium_exe: str, small_run: Path) -> str:
+def app_url(chromium_exe: str, small_run: Path) -> Iterator[str]:
     """The dashboard served from a subprocess for this module, stopped (terminate, then kill)
     at its end."""
     with appserver.AppServer("Home.py", models_dir=small_run.parent,
@@ -225,9 +226,9 @@ def test_every_page_renders_and_predictions_download(browser, app_url, predictor
 
 def test_eight_sessions_at_once_each_get_their_own_result(browser, app_url, xrays, expected,
                                                          shots):
-    """Eight browser contexts (eight Streamlit sessions) upload eight different X-rays before
-    any of them has an answer, so that the server runs them at the same time; each must show
-    and download its own file's class and probabilities."""
+    """Eight browser contexts (eight Streamlit sessions) upload eight different X-rays one
+    after the other without waiting for an answer, so that the server analyses them at the
+    same time; each must show and download its own file's class and probabilities."""
     labels = {n: p.label for n, p in expected.items()}
     answers = list(expected.values())
     assert len(set(labels.values())) > 1  # more than one class among the answers
