@@ -105,7 +105,15 @@ def test_the_storage_rule_at_its_bars(small_run: Path, tmp_path: Path, monkeypat
     if not quantize.available():
         pytest.skip("this torch build has no FX int8 quantisation")
     best, data_dir = _small_copy(small_run, tmp_path / "run")
-    real = quantize.close_call_check
+    real, real_calibrate = quantize.close_call_check, quantize.calibrate
+    observers: list = []
+
+    def calibrate_once(*args, **kwargs):  # one real calibration, reused by the later cases
+        if not observers:
+            observers.append(real_calibrate(*args, **kwargs))
+        return observers[0]
+
+    monkeypatch.setattr(quantize, "calibrate", calibrate_once)
     cases = [({"top1_agreement": 0.99, "fp32_share": 0.25}, None),
              ({"top1_agreement": 0.9899, "fp32_share": 0.0}, "below 99%"),
              ({"top1_agreement": 1.0, "fp32_share": 0.2501}, "would need the fp32")]
