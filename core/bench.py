@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,14 +44,15 @@ def add_metrics_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_metrics(args: argparse.Namespace) -> int:
-    """Time the full metric report (core.evaluate.score_predictions) on synthetic predictions.
+    """Time the full metric report (core.report.score_predictions) on synthetic predictions.
 
     Covers everything evaluation computes after inference: calibration before/after, ROC-AUC
     and AP, count metrics at argmax and at an operating point, curves, and (by default) the
     two occlusion-probe conditions, all with the shared stratified bootstrap.
     """
     from core import metrics as M
-    from core.evaluate import Predictions, score_predictions
+    from core.report import score_predictions
+    from core.scoring import Predictions
 
     rng = np.random.default_rng(args.seed)
     k, n = args.classes, args.n
@@ -515,10 +517,210 @@ def bench_lungviews(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- app
+
+
+_BASELINE_PAGE = (
+    '"""A static page: what Streamlit and the browser cost alone (python -m core.bench app)."""\n'
+    "import streamlit as st\n\n"
+    'st.title("Baseline")\n'
+    'st.write("A static page with a title and a line of text.")\n'
+)
+
+
+def add_app_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", default=None,
+                   help="a run's best.pt: the app is served with that run only")
+    g.add_argument("--models-dir", default=None,
+                   help="a models folder: the app picks its newest run, as for a user (default: "
+                        "$CXR_MODELS_DIR, else the repository's models/)")
+    p.add_argument("--images", default=None,
+                   help="a folder of X-rays to upload, a different one per timed prediction "
+                        "(default: ../shared/data/cxr-real beside the repository if present, "
+                        "else synthetic PNGs)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed loads per page and timed predictions (default %(default)s; "
+                        "medians shown)")
+    p.add_argument("--pages", default=None,
+                   help="comma-separated URL paths of the pages to time, 'home' for / "
+                        "(default: all seven)")
+    p.add_argument("--page-target", type=float, default=2.0,
+                   help="target seconds per page render (default %(default)s)")
+    p.add_argument("--predict-target", type=float, default=1.0,
+                   help="target seconds from upload to the prediction with its heatmap on "
+                        "screen (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds any one wait may take before the benchmark fails "
+                        "(default %(default)s)")
+
+
+def _bench_images(folder: str | None, n: int, tmp: Path) -> list[Path]:
+    """``n`` different X-ray files spread over ``folder`` (default: the shared real set),
+    else synthetic PNGs written to ``tmp``."""
+    from PIL import Image
+
+    from core.data import IMAGE_EXTS
+
+    root = Path(__file__).resolve().parent.parent
+    src = Path(folder) if folder else root.parent / "shared" / "data" / "cxr-real"
+    found = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS) \
+        if src.is_dir() else []
+    if found:
+        step = max(1, len(found) // n)
+        return [found[(k * step) % len(found)] for k in range(n)]
+    if folder:
+        raise SystemExit(f"app: no images under {folder}")
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(n):
+        out.append(tmp / f"synthetic-{k}.png")
+        Image.fromarray(rng.normal(90, 25, (256, 256)).clip(0, 255).astype(np.uint8)).save(out[-1])
+    return out
+
+
+def _app_checkpoint(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(checkpoint, models folder to serve) from --checkpoint / --models-dir."""
+    from core import runs
+
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+        if not checkpoint.is_file():
+            raise SystemExit(f"app: no checkpoint at {checkpoint}")
+        return checkpoint, checkpoint.parent  # a run folder is a models folder with one run
+    models = Path(args.models_dir) if args.models_dir else runs.models_dir()
+    found = runs.list_runs(models)
+    if not found:
+        raise SystemExit(f"app: no trained run under {models}: train one (python -m core.train) "
+                         "or pass --checkpoint / --models-dir")
+    return found[0].checkpoint, models
+
+
+def bench_app(args: argparse.Namespace) -> int:
+    """The dashboard in a real browser (Debian's Chromium driven by Playwright): per page,
+    the time from navigation start to the app being idle (its script run over, no spinner,
+    nothing stale, images and charts drawn) when its URL is opened (a new session: the
+    page's first complete render), and when it is reached by its sidebar link; and the time
+    from uploading one X-ray on Clinical Predictions to its prediction with the Grad-CAM
+    overlay on screen. Medians of --repeats, after a warm-up of
+    every page and one prediction (the model is loaded once and cached, as in a served app);
+    a different image per timed prediction.
+
+    Baselines in the same run: a static Streamlit page (a title and a line of text) served
+    and timed the same way, and ``Predictor.explain`` on the same images in this process
+    (no server, no browser). The app is served by ``core.appserver.AppServer``, as in the
+    browser tests.
+    """
+    import os
+    import tempfile
+
+    from core import appserver
+    from core.inference import Predictor, usable_cpus
+
+    if appserver.chromium_path() is None:
+        print("app: no Chromium found (apt-get install chromium)", file=sys.stderr)
+        return 2
+    checkpoint, models_dir = _app_checkpoint(args)
+    by_path = {pg.path or "home": pg for pg in appserver.PAGES}
+    wanted = [w.strip() for w in (args.pages or ",".join(by_path)).split(",") if w.strip()]
+    if unknown := [w for w in wanted if w not in by_path]:
+        print(f"app: unknown page(s) {unknown}; choose from {sorted(by_path)}", file=sys.stderr)
+        return 2
+    pages = [by_path[w] for w in wanted]
+    n, timeout = max(1, args.repeats), args.timeout
+    tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-app-"))
+    images = _bench_images(args.images, n + 1, tmp)  # the last one warms up
+    (tmp / "baseline.py").write_text(_BASELINE_PAGE)
+    baseline = appserver.AppPage("", "Baseline")
+    classes = Predictor.from_checkpoint(checkpoint).classes
+
+    page_ms: dict[str, list[float]] = {pg.path: [] for pg in pages}
+    nav_ms: dict[str, list[float]] = {pg.path: [] for pg in pages}
+    base_ms: list[float] = []
+    predict_s: list[float] = []
+    shown: list[str] = []
+    with appserver.AppServer("Home.py", models_dir=models_dir, start_timeout=timeout) as app, \
+            appserver.AppServer(tmp / "baseline.py", cwd=tmp, start_timeout=timeout) as base, \
+            appserver.chromium() as browser:
+        version = browser.version
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        context.set_default_timeout(timeout * 1000)
+        page = context.new_page()
+        for pg in appserver.PAGES:  # warm-up
+            appserver.open_page(page, app.url, pg, timeout)
+        appserver.open_page(page, base.url, baseline, timeout)
+        appserver.open_page(page, app.url, appserver.CLINICAL, timeout)
+        appserver.upload(page, [images[-1]], timeout=timeout)
+        appserver.wait_for_predictions(page, 1, timeout)
+        if errors := appserver.errors_on_page(page):
+            print(f"app: the warm-up prediction failed: {errors}", file=sys.stderr)
+            return 1
+        for _ in range(n):  # rounds go over every page, so that load changes hit all alike
+            for pg in pages:
+                page_ms[pg.path].append(appserver.open_page(page, app.url, pg, timeout))
+            base_ms.append(appserver.open_page(page, base.url, baseline, timeout))
+            other = next(pg for pg in appserver.PAGES if pg != pages[0])
+            appserver.open_page(page, app.url, other, timeout)
+            for pg in pages:  # then from page to page through the sidebar (one session)
+                nav_ms[pg.path].append(appserver.navigate(page, pg, timeout))
+        for image in images[:n]:
+            appserver.open_page(page, app.url, appserver.CLINICAL, timeout)
+            t0 = time.perf_counter()
+            appserver.upload(page, [image], timeout=timeout)
+            appserver.wait_for_predictions(page, 1, timeout, idle=False)
+            predict_s.append(time.perf_counter() - t0)
+            appserver.wait_idle(page, timeout)
+            shown += appserver.predicted_classes(page, classes)
+        context.close()
+
+    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor.explain(images[-1].read_bytes(), name=images[-1].name)  # warm-up
+    explain_s, expected = [], []
+    for image in images[:n]:
+        data = image.read_bytes()
+        t0 = time.perf_counter()
+        expected.append(predictor.explain(data, name=image.name).prediction.label)
+        explain_s.append(time.perf_counter() - t0)
+
+    def row(what: str, seconds: float, target: float | None = None,
+            by_link: float | None = None) -> str:
+        link = f"{by_link:.2f} s" if by_link is not None else ""
+        if target is None:
+            return f"| {what} | {seconds:.2f} s | {link} | | |"
+        verdict = "meets" if seconds <= target else "MISSES"
+        return (f"| {what} | {seconds:.2f} s | {link} | < {target:g} s | "
+                f"{seconds / target:.2f} {verdict} |")
+
+    def med(values: list[float]) -> float:
+        return float(np.median(values))
+
+    print(f"app: run {checkpoint.parent.name} ({', '.join(classes)}), Chromium {version}, "
+          f"{usable_cpus()} usable CPUs; medians of {n}; "
+          f"images from {os.path.commonpath([str(i.parent) for i in images])}")
+    print("Pages: open the URL (a new session) -> idle; and the same page reached by its "
+          "sidebar link (same session); the ratio is for the URL load.")
+    print("| what | median | by sidebar link | target | ratio to target |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for pg in pages:
+        print(row(f"page /{pg.path} ({pg.title})", med(page_ms[pg.path]) / 1000,
+                  args.page_target, med(nav_ms[pg.path]) / 1000))
+    print(row("baseline: static Streamlit page (title + a line of text)", med(base_ms) / 1000))
+    print(row("upload 1 X-ray -> prediction + Grad-CAM overlay on screen", med(predict_s),
+              args.predict_target))
+    print(row("baseline: Predictor.explain in-process (no server, no browser)",
+              med(explain_s)))
+    agree = sum(a == b for a, b in zip(shown, expected, strict=False))
+    print(f"app: the page showed Predictor.explain's class for {agree} of {len(expected)} "
+          "timed images")
+    return 0 if agree == len(expected) else 1
+
+
 # ---------------------------------------------------------------- registry and CLI
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
+    "app": Subcommand("the dashboard in Chromium: page render and upload-to-heatmap times",
+                      add_app_args, bench_app),
     "infer": Subcommand("inference latency, throughput, agreement and memory vs fp32 eager", add_infer_args, bench_infer),
     "lungviews": Subcommand("train none/crop/mask lung views alike and compare them",
                             add_lungviews_args, bench_lungviews),

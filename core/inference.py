@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import gradcam, ood
+from core import gradcam, ood, sidecars
 from core.config import PreprocessConfig
 from core.devices import release_free_memory, resolve_device, resolve_precision
 from core.errors import CheckpointError, ConfigError, InvalidImageError
@@ -501,7 +501,7 @@ class Predictor:
         Keyword arguments go to the constructor (``backend``, ``precision``, ``batch_size``).
         Raises :class:`~core.errors.CheckpointError` for a missing or unusable checkpoint.
         """
-        predictor = cls(load_checkpoint(path), device=device, source=str(path), **kwargs)
+        predictor = cls(sidecars.load_run_checkpoint(path), device=device, source=str(path), **kwargs)
         release_free_memory()  # the checkpoint's tensors are garbage now
         return predictor
 

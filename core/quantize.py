@@ -26,8 +26,8 @@ How (PyTorch's own FX graph-mode quantisation, ``torch.ao.quantization``; nothin
    (99 % by default) and at most ``max_fp32_share`` of the images need fp32; also recorded:
    int8's own agreement, the largest probability change, and agreement of the
    out-of-distribution and low-confidence flags.
-4. **Storage**: only the observers' statistics (plain tensors) go into ``best.pt`` under
-   ``ckpt["int8"]`` with the engine, the graph version, the torch version, the close-call
+4. **Storage**: only the observers' statistics (plain tensors) go into ``best.int8.pt`` beside
+   ``best.pt`` (read back as ``ckpt["int8"]`` by ``core.sidecars.load_run_checkpoint``) with the engine, the graph version, the torch version, the close-call
    margin, the int8 network's own OOD / low-confidence cut-offs and the check's figures; it still
    loads with ``torch.load(..., weights_only=True)``. At load the predictor repeats step 1,
    restores the statistics and converts (a few seconds): the same int8 network, with no
@@ -236,8 +236,8 @@ def _loader(data_dir: str | Path, rows: list[dict[str, str]], classes: list[str]
             ckpt: dict[str, Any], batch_size: int, workers: int) -> Any:
     from torch.utils.data import DataLoader
 
-    from core.evaluate import evaluation_dataset
     from core.model import preprocess_config_of
+    from core.scoring import evaluation_dataset
 
     ds = evaluation_dataset(data_dir, rows, classes, preprocess_config_of(ckpt))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -339,10 +339,12 @@ def calibrate_run_int8(
     workers: int = 0,
     seed: int = 0,
     progress: bool = True,
+    allow_manifest_change: bool = False,
 ) -> dict[str, Any]:
     """Calibrate (train split), check (validation split) and store the int8 network of a
-    finished run in its ``best.pt`` (atomic rewrite; other keys untouched). Writes
-    ``int8.json`` beside it with the settings and figures, and returns them.
+    finished run in ``best.int8.pt`` beside its ``best.pt`` (``core.sidecars``; ``best.pt``
+    is not modified). Writes ``int8.json`` beside it with the settings and figures, and
+    returns them. See :func:`core.data.run_split_rows` for ``allow_manifest_change``.
 
     The validation images also set the close-call margin under which the predictor
     re-computes an image in fp32 (:func:`close_call_check`) and the int8 network's OOD and
@@ -353,9 +355,11 @@ def calibrate_run_int8(
     """
     import json
 
+    from core import sidecars
     from core.data import run_split_rows
+    from core.files import file_sha256
     from core.inference import Predictor, fold_batchnorm, inference_trunk
-    from core.model import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from core.model import model_from_checkpoint
 
     _check_engine(engine)
     if not 0.0 <= min_agreement <= 1.0:
@@ -364,9 +368,11 @@ def calibrate_run_int8(
         raise ConfigError(f"max_fp32_share={max_fp32_share} must lie in [0, 1]")
     run_dir = Path(run_dir)
     best = run_dir / "best.pt"
-    ckpt = load_checkpoint(best)
+    sha = file_sha256(best) if best.is_file() else ""
+    ckpt = sidecars.load_run_checkpoint(best, parts=("calibration", "ood"))
     classes = list(ckpt["classes"])
-    splits = run_split_rows(run_dir, data_dir, classes, ("train", "val"))
+    splits, _ = run_split_rows(run_dir, data_dir, ckpt, ("train", "val"),
+                               allow_manifest_change=allow_manifest_change)
     t0 = time.perf_counter()
     calib_rows = _sample(splits["train"], calibration_images, seed)
     trunk = inference_trunk(fold_batchnorm(model_from_checkpoint(ckpt), inplace=True))
@@ -427,9 +433,7 @@ def calibrate_run_int8(
         raise QuantizationError(
             f"{problem}: not stored, the predictor keeps the fp32 network. Try more "
             "--calibration-images or another --engine.")
-    ckpt = load_checkpoint(best)  # re-read: keep anything written meanwhile
-    ckpt[KEY] = state
-    save_checkpoint(ckpt, best)
+    sidecars.write_int8(best, state, weights_sha256=sha)  # best.pt itself is not modified
     summary["stored"] = True
     (run_dir / "int8.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("int8 network for %s (%s engine, %d calibration images), on %d val images: top-1 "
@@ -478,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--workers", type=int, default=0, help="data-loading processes")
     g.add_argument("--seed", type=int, default=0, help="seed of the image samples")
+    g.add_argument("--allow-manifest-change", action="store_true",
+                   help="go on when the run's manifest.csv is not the one it was trained on")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -493,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             calibration_images=args.calibration_images, agreement_images=args.agreement_images,
             min_agreement=args.min_agreement, max_fp32_share=args.max_fp32_share,
             batch_size=args.batch_size, workers=args.workers,
-            seed=args.seed, progress=args.progress)
+            seed=args.seed, progress=args.progress,
+            allow_manifest_change=args.allow_manifest_change)
     except CXRError as exc:
         log.error("%s", exc)
         return 2
