@@ -729,14 +729,18 @@ def test_model_identity_from_a_predictor(small_run):
     import hashlib
 
     from core.inference import Predictor
+    from core.sidecars import sidecar_path
 
     predictor = Predictor.from_checkpoint(small_run / "best.pt")
     ident = ModelIdentity.from_predictor(predictor)
     assert ident.weights_sha256 == hashlib.sha256((small_run / "best.pt").read_bytes()).hexdigest()
     assert ident.run_id == "small"  # the folder's name outside the models folder
     assert ident.runtime.startswith(f"torch-{predictor.backend} on cpu")
-    assert ident.calibration_sha256 and len(ident.calibration_sha256) == 64
-    assert ident.statistics_sha256 and len(ident.statistics_sha256) == 64
+    for part, value in (("calibration", ident.calibration_sha256),
+                        ("ood", ident.statistics_sha256)):  # the sidecar files that answered
+        sidecar = sidecar_path(small_run / "best.pt", part)
+        assert sidecar.is_file()
+        assert value == hashlib.sha256(sidecar.read_bytes()).hexdigest()
     op = predictor.operating_point
     assert ident.threshold == (float(op["threshold"]) if op else None)
     again = ModelIdentity.from_predictor(predictor)

@@ -181,9 +181,13 @@ class ModelIdentity:
     @classmethod
     def from_predictor(cls, predictor: Any, run_id: str | None = None) -> ModelIdentity:
         """Hashes of what answered: ``weights_sha256`` is the SHA-256 of the checkpoint file
-        (``best.pt``, as ``run.json`` states it); ``calibration_sha256`` of the temperature
-        and operating point in use; ``statistics_sha256`` of the OOD statistics and the OOD
-        and low-confidence cut-offs in use (the int8 network's own, where it answers)."""
+        (``best.pt``, as ``run.json`` states it); ``calibration_sha256`` and
+        ``statistics_sha256`` those of its sidecar files ``best.calibration.json`` and
+        ``best.ood.safetensors`` (:mod:`core.sidecars`). For an older run that keeps these
+        inside ``best.pt``, they are the SHA-256 of the values in use instead (temperature and
+        operating point; OOD statistics and the OOD and low-confidence cut-offs)."""
+        from core.sidecars import sidecar_path
+
         source = Path(str(getattr(predictor, "source", "") or ""))
         weights = None
         if source.is_file():
@@ -191,11 +195,16 @@ class ModelIdentity:
         if run_id is None and source.name:
             run_id = _run_id(source)
         op = predictor.operating_point
-        calibration = _canonical_sha256({"temperature": float(predictor.temperature),
-                                         "calibrated": bool(predictor.calibrated),
-                                         "operating_point": dict(op) if op else None})
-        stats = None
-        if predictor.has_ood or predictor.has_low_confidence:
+        calibration = stats = None
+        if source.name and sidecar_path(source, "calibration").is_file():
+            calibration = _file_sha256(sidecar_path(source, "calibration"))
+        elif predictor.calibrated or op:
+            calibration = _canonical_sha256({"temperature": float(predictor.temperature),
+                                             "calibrated": bool(predictor.calibrated),
+                                             "operating_point": dict(op) if op else None})
+        if source.name and sidecar_path(source, "ood").is_file():
+            stats = _file_sha256(sidecar_path(source, "ood"))
+        elif predictor.has_ood or predictor.has_low_confidence:
             stats = _canonical_sha256({"ood": predictor.ood_stats,
                                        "ood_threshold": float(predictor.ood_threshold),
                                        "low_confidence_threshold":
@@ -223,7 +232,7 @@ def _file_sha256(path: Path) -> str:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _HASH_LOCK:
         if key not in _HASH_CACHE:
-            from core.runs import file_sha256
+            from core.files import file_sha256
 
             _HASH_CACHE[key] = file_sha256(path)
         return _HASH_CACHE[key]
@@ -265,7 +274,7 @@ def describe_input(source: bytes | bytearray | memoryview | str | os.PathLike[st
         data = bytes(source)
         return hashlib.sha256(data).hexdigest(), sniff_format(data[:132], name)
     if isinstance(source, str | os.PathLike):
-        from core.runs import file_sha256
+        from core.files import file_sha256
 
         path = Path(source)
         try:
