@@ -709,3 +709,23 @@ def drift_classes_chart(drift: Any, reference: dict[str, Any], classes: list[str
     fig.update_xaxes(type="date")
     fig.update_yaxes(tickformat=".0%", rangemode="tozero")
     return _audit_layout(fig, "Share of the day's predictions")
+
+
+# ---- navigation ----
+
+
+def use_app_navigation() -> None:
+    """Route this request through Home.py's ``st.navigation`` (call first on every page).
+
+    A page file lives in ``pages/`` (Streamlit's multipage layout). On a freshly started
+    server, Streamlit runs the first request in its legacy ``pages/``-folder mode, because
+    Home.py's ``st.navigation`` has not run in this process yet: a deep link then shows the
+    page without the app's grouped navigation and wide layout. This switches the process to
+    ``st.navigation`` and reruns, so Home.py routes the request (the browser test opens a
+    fresh server at a deep link). A no-op on every later run.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()

@@ -9,6 +9,8 @@ import streamlit as st
 from core import ui
 from core.audit import query
 
+ui.use_app_navigation()
+
 st.title("Audit log")
 ui.disclaimer()
 st.caption("Every prediction and refusal of this deployment (app, command line, API), without "

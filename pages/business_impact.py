@@ -7,6 +7,8 @@ import streamlit as st
 from core import roi, ui
 from core.errors import ConfigError
 
+ui.use_app_navigation()
+
 st.title("Business Impact")
 ui.disclaimer()
 st.caption("What AI-assisted reading of chest X-rays could save, and what it costs. Every "

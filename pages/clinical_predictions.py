@@ -8,6 +8,8 @@ from core import clinical, ui
 from core.imaging import ACCEPTED_TEXT, MAX_FILE_BYTES, accepted_extensions
 from core.preview import DISPLAY_CONTRASTS, display_contrast
 
+ui.use_app_navigation()
+
 st.title("Clinical Predictions")
 ui.disclaimer()
 run = ui.require_run()

@@ -6,6 +6,8 @@ import streamlit as st
 
 from core import explore, preview, ui
 
+ui.use_app_navigation()
+
 st.title("Data Explorer")
 ui.disclaimer()
 run = ui.require_run()

@@ -5,6 +5,8 @@ import streamlit as st
 
 from core import model_card, overview, reference, ui
 
+ui.use_app_navigation()
+
 st.title("Executive Summary")
 ui.disclaimer()
 run = ui.require_run()

@@ -8,6 +8,8 @@ from core import clinical, explore, gallery, ui
 from core.errors import CXRError
 from core.gradcam import METHODS, STAGES
 
+ui.use_app_navigation()
+
 st.title("Explainability")
 ui.disclaimer()
 run = ui.require_run()

@@ -6,6 +6,8 @@ import streamlit as st
 from core import overview, ui
 from core.errors import CXRError
 
+ui.use_app_navigation()
+
 st.title("CXR Insight")
 st.caption("Train, audit and demonstrate a chest X-ray classifier.")
 ui.disclaimer()

@@ -9,6 +9,8 @@ import streamlit as st
 from core import charts, compare, overview, ui
 from core.errors import CXRError
 
+ui.use_app_navigation()
+
 st.title("Model Performance")
 ui.disclaimer()
 run = ui.require_run()

@@ -13,6 +13,8 @@ from core import jobs, ui
 from core.config import ARCHS, DEFAULT_DATA_DIR, LUNG_VIEWS, MODES
 from core.errors import DatasetError, JobError, JobRunningError
 
+ui.use_app_navigation()
+
 st.title("Train a model")
 ui.disclaimer()
 st.caption("Train a classifier on your own folder of chest X-rays (one sub-folder per class, "

@@ -251,3 +251,23 @@ def test_eight_sessions_at_once_each_get_their_own_result(browser, app_url, xray
     finally:
         for context, _ in sessions:
             context.close()
+
+
+def test_a_fresh_server_opened_at_a_deep_link_shows_the_app_navigation(browser, small_run):
+    """A new server's first request, straight to a page's URL, must go through Home.py's
+    grouped navigation and wide layout (``ui.use_app_navigation``), not Streamlit's legacy
+    ``pages/``-folder listing of file names."""
+    with appserver.AppServer("Home.py", models_dir=small_run.parent,
+                             start_timeout=WAIT) as server:
+        context, page = new_page(browser)
+        try:
+            page.goto(f"{server.url}/model_performance", wait_until="commit")
+            page.get_by_role("heading", name="Model Performance", exact=True).first.wait_for()
+            appserver.wait_idle(page, WAIT)
+            links = page.locator('[data-testid="stSidebarNavLink"]').all_inner_texts()
+            assert any("Clinical Predictions" in t for t in links), links
+            assert not any(t.strip() == "clinical predictions" for t in links), links
+            assert page.get_by_text("Overview", exact=True).count() >= 1  # a section header
+            assert unexpected_errors(page) == []
+        finally:
+            context.close()
