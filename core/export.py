@@ -45,7 +45,7 @@ from torch import nn
 
 from core import network as net
 from core.devices import cpu_has_native_bf16, resolve_precision
-from core.errors import ConfigError, CXRError
+from core.errors import CheckpointError, ConfigError, CXRError
 from core.model import load_checkpoint, model_from_checkpoint, preprocess_config_of
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ def ensure_graph(checkpoint: str | Path, ckpt: dict[str, Any] | None = None,
     """``best.onnx`` beside ``checkpoint``, exported now when missing, of other weights
     (hash mismatch) or ``force``. Returns its path."""
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise CheckpointError(f"Checkpoint not found: {checkpoint}")
     sha = file_sha256(checkpoint)
     path = graph_path(checkpoint)
     if not force and is_current(path, sha):

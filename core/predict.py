@@ -7,7 +7,7 @@ Example::
 
 Writes one CSV row per input file (columns: path, label, decision, ``p_<class>`` for every
 class, confidence, low_confidence, ood, ood_score, network, [heatmap, lung_focus,] error;
-``network``: fp32 or int8, the network that answered). A file that cannot be
+``network``: the runtime and precision that answered, e.g. ``onnx-fp32``). A file that cannot be
 used (damaged, not an image, too small...) gets a row with the reason in ``error`` and the
 rest of the batch goes on. Exit status: 0 when every file was predicted, 1 when some files
 failed, 2 when nothing could run (bad checkpoint or arguments).
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from core import gradcam
 from core.errors import CXRError, InvalidImageError
 from core.imaging import accepted_extensions
-from core.inference import BACKENDS
+from core.network import PRECISIONS, RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    g.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="network variant (core.inference.BACKENDS; default auto: the fastest "
-                        "for the device, the run's int8 network on CPUs without native bf16; "
-                        "jit: the exact fp32 network)")
+    g.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="what runs the network: onnx (ONNX Runtime on the graph exported "
+                        "beside best.pt, python -m core.export), openvino, or torch (eager "
+                        "PyTorch); auto: onnx on the CPU, torch on a GPU (default auto)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: fp32 on the CPU unless the run's check (serving.json) let bf16 "
+                        "or int8 serve; on a GPU the device's autocast. fp32 keeps PyTorch "
+                        "fp32's decisions; bf16 (openvino or torch, CPUs with native bf16 or "
+                        "GPUs), fp16 (torch on a GPU), int8 (onnx/openvino, after "
+                        "core.export --data-dir) trade exactness for speed (default auto)")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (default 0: torch's default)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
@@ -141,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device,
-                                          backend=args.backend, batch_size=args.batch_size)
+                                          runtime=args.runtime, precision=args.precision,
+                                          batch_size=args.batch_size)
     files = find_images(args.inputs, args.recursive)
     if not files:
         log.error("No images found in the given paths.")

@@ -570,8 +570,9 @@ def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) 
 
     With ``cfg.train.evaluate`` (the default) the rank-0 process then fits calibration and
     the operating point on validation and writes the test report (``core.evaluate``), fits
-    the OOD and low-confidence cut-offs (``core.ood``) and, with ``cfg.train.int8`` (the
-    default), calibrates and checks the int8 CPU network (``core.quantize``).
+    the OOD and low-confidence cut-offs (``core.ood``) and, with ``cfg.train.export`` (the
+    default), exports the serving graph beside ``best.pt`` and checks which reduced
+    precisions may serve (``core.export``).
     """
     trainer = Trainer(cfg, progress=progress)
     try:
@@ -586,13 +587,10 @@ def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) 
                               progress=progress)
         ood.calibrate_run_ood(best.parent, cfg.data.data_dir, device=str(trainer.device),
                               progress=progress)
-        if cfg.train.int8:
-            from core import quantize
+        if cfg.train.export:
+            from core import export
 
-            try:
-                quantize.calibrate_run_int8(best.parent, cfg.data.data_dir, progress=progress)
-            except quantize.QuantizationError as exc:  # the fp32 network still serves
-                log.warning("No int8 network stored: %s", exc)
+            export.finish_run(best.parent, cfg.data.data_dir)
     return best
 
 
@@ -682,8 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from <output>/last.pt")
     g.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip calibration and the test report at the end")
-    g.add_argument("--no-int8", dest="int8", action="store_false",
-                   help="skip the int8 CPU network (core.quantize) at the end")
+    g.add_argument("--no-export", dest="export", action="store_false",
+                   help="skip the serving graph (best.onnx) and the reduced-precision check "
+                   "(core.export) at the end; the predictor exports the graph on first load")
     g.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
@@ -712,7 +711,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         weighted_sampler=args.weighted_sampler, early_stop_patience=args.early_stop_patience,
         feature_cache_views=args.feature_cache_views, workers=args.workers, device=args.device,
         precision=args.precision, channels_last=args.channels_last, seed=args.seed,
-        resume=args.resume, evaluate=args.evaluate, int8=args.int8,
+        resume=args.resume, evaluate=args.evaluate, export=args.export,
         max_steps_per_epoch=args.max_steps_per_epoch,
     )
     return RunConfig(data=data, preprocess=pre, augment=aug, train=train)
