@@ -436,3 +436,98 @@ def seed_worker(worker_id: int) -> None:
     tf = getattr(ds, "transform", None)
     if isinstance(tf, Transform):
         tf.reseed(seed)
+
+
+# ---------------------------------------------------------------- dataset summary (dataset.json)
+
+
+MAX_DUPLICATE_EXAMPLES = 5
+
+
+def _header_size_and_depth(path: Path) -> tuple[str, str] | None:
+    """("WxH", bits per sample) from an image file's header (PIL opens lazily: the pixels
+    are not decoded); None when the header is unreadable."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            mode, fmt = img.mode, img.format
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    if mode.startswith("I;16") or (mode == "I" and fmt == "PNG"):  # PNG 16-bit greyscale
+        depth = 16
+    elif mode in ("I", "F"):
+        depth = 32
+    elif mode == "1":
+        depth = 1
+    else:  # L, P, LA, RGB, RGBA, CMYK, YCbCr: 8 bits per sample
+        depth = 8
+    return f"{w}x{h}", str(depth)
+
+
+def _not_listed(root: Path) -> list[tuple[str, str]]:
+    """(path, reason) of what :func:`discover` passes over under ``root``: class folders of
+    the database layout without ``images/``, and files without an image extension."""
+    try:
+        layout = discover(root).layout
+    except DatasetError:
+        return []
+    out: list[tuple[str, str]] = []
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))):
+        folder = d / "images" if layout == "database" else d
+        if not folder.is_dir():
+            out.append((f"{d.name}/", "class folder without an images/ folder"))
+            continue
+        out.extend((f.relative_to(root).as_posix(),
+                    f"not an image file (expected {'/'.join(IMAGE_EXTS)})")
+                   for f in sorted(folder.iterdir())
+                   if f.is_file() and not f.name.startswith(".")
+                   and f.suffix.lower() not in IMAGE_EXTS)
+    return out
+
+
+def dataset_summary(manifest: Manifest, sources: dict | None = None) -> dict:
+    """What ``models/<run>/dataset.json`` holds (see the contract in docs/METRICS.md): images
+    per class and split, duplicate groups (from the manifest's ``dup_group``), the files
+    left out and why (passed over by :func:`discover`, unreadable in :func:`build_manifest`;
+    a manifest read back from CSV no longer knows the latter), image sizes and bit depths (from file headers) and,
+    given ``sources`` (``core.evaluate.source_report``'s block), the image sources per class.
+    """
+    groups: dict[str, list[str]] = defaultdict(list)
+    for r in manifest.rows:
+        groups[r["dup_group"]].append(r["path"])
+    dups = sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+    sizes: Counter[str] = Counter()
+    depths: Counter[str] = Counter()
+    unreadable = 0
+    for r in manifest.rows:
+        header = _header_size_and_depth(Path(manifest.root) / r["path"])
+        if header is None:
+            unreadable += 1
+            continue
+        sizes[header[0]] += 1
+        depths[header[1]] += 1
+    if unreadable:
+        log.warning("%d manifest images have no readable header under %s", unreadable,
+                    manifest.root)
+    src = sources or {"available": False, "reason": "not looked up", "per_class": {}}
+    per_class = {
+        cls: {s["source"]: int(s["count"]) for s in entry.get("sources", [])}
+        for cls, entry in (src.get("per_class") or {}).items()
+    }
+    return {
+        "data_dir": str(manifest.root),
+        "classes": list(manifest.classes),
+        "counts": manifest.summary(),
+        "duplicates": {
+            "groups": len(dups),
+            "images_in_groups": sum(len(g) for g in dups),
+            "largest_group": max((len(g) for g in dups), default=0),
+            "examples": [sorted(g) for g in dups[:MAX_DUPLICATE_EXAMPLES]],
+        },
+        "skipped": [{"path": p, "reason": why}
+                    for p, why in [*_not_listed(Path(manifest.root)), *manifest.skipped]],
+        "image_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
+        "bit_depths": dict(sorted(depths.items(), key=lambda kv: int(kv[0]))),
+        "sources": {"available": bool(src.get("available")), "reason": src.get("reason"),
+                    "per_class": per_class},
+    }

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from core import metrics as M
+from core import ood
 from core.config import PreprocessConfig, default_data_dir
 from core.data import CXRDataset, discover, load_manifest
 from core.devices import resolve_device
@@ -55,11 +56,12 @@ from core.model import (
     save_checkpoint,
 )
 from core.preprocess import build_transform
+from core.runs import SEVERITIES, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "cxr-insight-metrics"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: findings are {id, severity, text} records
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "metrics.schema.json"
 
 DEFAULT_SCREENING_CLASS = "COVID"
@@ -88,6 +90,9 @@ class Predictions:
     # from the dataset (else from the segmenter); None when not measured
     lung_focus: np.ndarray | None = None
     mask_from_dataset: np.ndarray | None = None
+    # per image: pooled activations of each ResNet stage (``core.ood.pooled_layer_features``)
+    # for the OOD score; None when not computed
+    pooled: dict[str, np.ndarray] | None = None
 
     def proba(self, temperature: float = 1.0, probe: str | None = None) -> np.ndarray:
         logits = self.logits if probe is None else self.probe_logits[probe]
@@ -139,6 +144,7 @@ def predict_rows(
     workers: int = 0,
     occlusion: bool = False,
     lung_focus: bool = False,
+    features: bool = False,
     progress: bool = True,
     desc: str = "predict",
 ) -> Predictions:
@@ -149,7 +155,10 @@ def predict_rows(
     ``lung_focus`` the same forward pass also gives each image's Grad-CAM (layer4, predicted
     class; ``core.gradcam.forward_with_cam``): its energy share on the lungs (on the model
     input's grid, padding excluded) over the lungs' share of the original image, as
-    ``core.lungs.lung_focus_ratio`` of the map placed back on the original image.
+    ``core.lungs.lung_focus_ratio`` of the map placed back on the original image. With
+    ``features`` each image's pooled stage activations (``core.ood.pooled_layer_features``,
+    what the OOD score reads) are kept too; without ``lung_focus`` the logits then come from
+    the same pass (the head on ``layer4``'s pooled activations, as ``core.ood`` computes them).
     """
     if not rows:
         raise DatasetError(f"No images to evaluate ({desc}).")
@@ -161,6 +170,7 @@ def predict_rows(
     outs: dict[str, list[torch.Tensor]] = {"full": [], **{p: [] for p in PROBES}}
     focus: list[float] = []
     from_dataset: list[bool] = []
+    pooled: dict[str, list[torch.Tensor]] = {n: [] for n in ood.LAYERS}
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
             x = batch[0].to(dev, non_blocking=True).float()
@@ -174,7 +184,13 @@ def predict_rows(
                     if (g == 2).any() else float("nan")
                     for h, g, frac in zip(heat, batch[2].numpy(), batch[4], strict=True))
                 from_dataset.extend(bool(v) for v in batch[3])
-            else:
+            if features:
+                stages = ood.pooled_layer_features(model, x)
+                for n in ood.LAYERS:
+                    pooled[n].append(stages[n].cpu())
+                if not lung_focus:
+                    logits = model.fc(stages["layer4"])
+            elif not lung_focus:
                 logits = model(x)
             outs["full"].append(logits.float().cpu())
             if occlusion:
@@ -185,7 +201,9 @@ def predict_rows(
     return Predictions(paths=[r["path"] for r in rows], y_true=np.asarray(ds.targets),
                        logits=logits, classes=list(classes), probe_logits=probes,
                        lung_focus=np.asarray(focus, np.float64) if lung_focus else None,
-                       mask_from_dataset=np.asarray(from_dataset, bool) if lung_focus else None)
+                       mask_from_dataset=np.asarray(from_dataset, bool) if lung_focus else None,
+                       pooled={n: torch.cat(v).numpy() for n, v in pooled.items()}
+                       if features else None)
 
 
 def load_split_rows(run_dir: Path, data_dir: str | Path, split: str,
@@ -709,54 +727,78 @@ def parse_prevalence(value: str | float | dict[str, float] | None,
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+EXTERNAL_DROP_HIGH = 0.10
+EXTERNAL_DROP_MEDIUM = 0.03
+"""Macro ROC-AUC drop (internal minus external) from which ``external-drop`` is high/medium."""
 
 
-def findings(doc: dict[str, Any]) -> list[str]:
-    """Plain-language lines the dashboard shows first (most important first)."""
-    out: list[str] = []
+def _finding(id_: str, severity: str, text: str) -> dict[str, str]:
+    if severity not in SEVERITIES:
+        raise ValueError(f"severity {severity!r} is not one of {SEVERITIES}")
+    return {"id": id_, "severity": severity, "text": text}
+
+
+def findings(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """Plain-language findings the dashboard shows first, as records ``{id, severity, text}``
+    (in the report's order: shortcut, external, lungs, sources, calibration, operating point,
+    run warnings). Ids and severities are listed in docs/METRICS.md."""
+    out: list[dict[str, str]] = []
     sc = doc.get("shortcut")
-    if sc and sc["risk"] in ("high", "moderate", "inconclusive"):
-        out.append(sc["verdict"])
+    if sc and sc["risk"] in ("high", "moderate"):
+        out.append(_finding("shortcut-risk", "high" if sc["risk"] == "high" else "medium",
+                            sc["verdict"]))
+    elif sc and sc["risk"] == "inconclusive":
+        out.append(_finding("near-chance", "high", sc["verdict"]))
     ext = doc.get("external")
     if ext:
         d = ext["drop"]["macro_roc_auc"]
         if d["drop"] is not None:
-            out.append(f"External validation ({ext['n']} images): macro ROC-AUC "
-                       f"{d['internal']:.3f} internally vs {d['external']:.3f} on the external "
-                       f"set (drop {d['drop']:+.3f}).")
+            drop = d["drop"]
+            severity = ("high" if drop >= EXTERNAL_DROP_HIGH else "medium"
+                        if drop >= EXTERNAL_DROP_MEDIUM else "low" if drop > 0 else "info")
+            out.append(_finding(
+                "external-drop", severity,
+                f"External validation ({ext['n']} images): macro ROC-AUC "
+                f"{d['internal']:.3f} internally vs {d['external']:.3f} on the external "
+                f"set (drop {drop:+.3f})."))
         if ext.get("overlap_with_manifest"):
-            out.append(f"{ext['overlap_with_manifest']} external images are byte-identical to "
-                       "images of this run's dataset: the external set is not independent.")
+            out.append(_finding(
+                "external-overlap", "high",
+                f"{ext['overlap_with_manifest']} external images are byte-identical to "
+                "images of this run's dataset: the external set is not independent."))
     lf = (doc.get("lung_focus") or {}).get("overall") or {}
     if lf.get("mean") is not None and lf["mean"] < 1.0:
-        out.append(f"Grad-CAM puts less of its energy on the lungs than a uniform map would "
-                   f"(mean lung-focus ratio {lf['mean']:.2f} < 1 over {lf['n']} images): the "
-                   "model looks mostly outside the lungs.")
+        out.append(_finding(
+            "low-lung-focus", "medium",
+            f"Grad-CAM puts less of its energy on the lungs than a uniform map would "
+            f"(mean lung-focus ratio {lf['mean']:.2f} < 1 over {lf['n']} images): the "
+            "model looks mostly outside the lungs."))
     src = doc.get("sources") or {}
     if src.get("confounded"):
-        out.append("Every image source contributes to a single class: source and class are "
-                   "confounded, so the model can separate classes by source alone.")
+        out.append(_finding(
+            "confounded-sources", "high",
+            "Every image source contributes to a single class: source and class are "
+            "confounded, so the model can separate classes by source alone."))
     cal = doc["calibration"]
     if not cal["fitted"]:
-        out.append("Probabilities are not calibrated (the checkpoint has no temperature); "
-                   "rerun with --calibrate.")
+        out.append(_finding("uncalibrated", "medium",
+                            "Probabilities are not calibrated (the checkpoint has no "
+                            "temperature); rerun with --calibrate."))
     op = doc.get("operating_point")
     if op is None:
-        out.append("No operating point is stored in the checkpoint: only argmax metrics are "
-                   "reported (rerun with --calibrate).")
+        out.append(_finding("no-operating-point", "low",
+                            "No operating point is stored in the checkpoint: only argmax "
+                            "metrics are reported (rerun with --calibrate)."))
     elif doc.get("at_operating_point"):
         sens = doc["at_operating_point"]["per_class"][op["class"]]["sensitivity"]
         if sens["value"] is not None and sens["value"] < op["target_sensitivity"]:
-            out.append(f"At the operating point {op['class']} sensitivity is {sens['value']:.3f} "
-                       f"on this set, below the {op['target_sensitivity']:.2f} target reached on "
-                       "validation.")
-    out.extend(doc["run"].get("warnings", []))
+            out.append(_finding(
+                "op-sensitivity-drop", "medium",
+                f"At the operating point {op['class']} sensitivity is {sens['value']:.3f} "
+                f"on this set, below the {op['target_sensitivity']:.2f} target reached on "
+                "validation."))
+    for i, text in enumerate(doc["run"].get("warnings", [])):
+        out.append(_finding(f"run-warning-{i + 1}", "medium", text))
     return out
 
 
@@ -787,7 +829,7 @@ def build_document(
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run": {
             "checkpoint": str(checkpoint),
-            "checkpoint_sha256": _sha256_file(checkpoint),
+            "checkpoint_sha256": file_sha256(checkpoint),
             "arch": ckpt.get("arch"),
             "epoch": ckpt.get("epoch"),
             "manifest_sha256": ckpt.get("manifest_sha256"),
@@ -814,20 +856,59 @@ def build_document(
     return doc
 
 
-def write_predictions_csv(path: Path, preds: Predictions, temperature: float,
-                          op: dict[str, Any] | None) -> None:
+RECORD_COLUMNS = ("path", "true_class", "predicted_class", "predicted_class_at_operating_point",
+                  "prob_<class>", "correct", "periphery_pred", "centre_pred", "lung_focus",
+                  "ood_score", "ood", "low_confidence")
+"""The columns of ``predictions.csv`` (``prob_<class>``: one per class), docs/METRICS.md."""
+
+
+def image_records(preds: Predictions, temperature: float, op: dict[str, Any] | None,
+                  ckpt: dict[str, Any] | None = None) -> list[list[Any]]:
+    """The per-image records (header first) of ``predictions.csv``; see ``RECORD_COLUMNS``.
+
+    Empty cells: ``predicted_class_at_operating_point`` without an operating point, the probe
+    columns without the occlusion probe, ``lung_focus`` where it was not scored, and
+    ``ood_score``/``ood``/``low_confidence`` where the checkpoint (``ckpt``) has no OOD
+    statistics or low-confidence cut-off (:func:`core.ood.image_flags`).
+    """
+    classes = preds.classes
     proba = preds.proba(temperature)
-    y_op = (M.predict_at_threshold(proba, preds.classes.index(op["class"]), op["threshold"])
+    pred = proba.argmax(1)
+    y_op = (M.predict_at_threshold(proba, classes.index(op["class"]), op["threshold"])
             if op else None)
+    probe = {k: preds.proba(temperature, k).argmax(1) for k in PROBES if k in preds.probe_logits}
+    flags = ood.image_flags(ckpt or {}, preds.pooled, proba)
+
+    def cell(arr: np.ndarray | None, i: int, fmt: str = "") -> str:
+        if arr is None:
+            return ""
+        v = arr[i]
+        if isinstance(v, np.bool_ | bool):
+            return str(bool(v))
+        return f"{float(v):{fmt}}" if np.isfinite(v) else ""
+
+    rows: list[list[Any]] = [[*RECORD_COLUMNS[:4], *[f"prob_{c}" for c in classes],
+                              *RECORD_COLUMNS[5:]]]
+    for i, p in enumerate(preds.paths):
+        rows.append([
+            p, classes[preds.y_true[i]], classes[int(pred[i])],
+            "" if y_op is None else classes[int(y_op[i])],
+            *[f"{v:.6f}" for v in proba[i]],
+            str(bool(pred[i] == preds.y_true[i])),
+            *[classes[int(probe[k][i])] if k in probe else "" for k in PROBES],
+            cell(preds.lung_focus, i, ".6f"),
+            cell(flags["ood_score"], i, ".10g"), cell(flags["ood"], i),
+            cell(flags["low_confidence"], i),
+        ])
+    return rows
+
+
+def write_predictions_csv(path: Path, preds: Predictions, temperature: float,
+                          op: dict[str, Any] | None, ckpt: dict[str, Any] | None = None) -> None:
+    """Write :func:`image_records` atomically."""
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["path", "true_class", "predicted_class", "predicted_class_at_operating_point",
-                    *[f"prob_{c}" for c in preds.classes]])
-        for i, p in enumerate(preds.paths):
-            w.writerow([p, preds.classes[preds.y_true[i]], preds.classes[int(proba[i].argmax())],
-                        "" if y_op is None else preds.classes[int(y_op[i])],
-                        *[f"{v:.6f}" for v in proba[i]]])
+        csv.writer(fh, lineterminator="\n").writerows(image_records(preds, temperature, op, ckpt))
     tmp.replace(path)
 
 
@@ -840,12 +921,6 @@ def validate_document(doc: dict[str, Any]) -> None:
         return
     schema = json.loads(SCHEMA_PATH.read_text())
     jsonschema.validate(doc, schema)
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
 
 
 def evaluate(
@@ -896,9 +971,10 @@ def evaluate(
                      "fitted on this split, so they are optimistic.")
     model = model_from_checkpoint(ckpt)
     pcfg = preprocess_config_of(ckpt)
+    has_ood = ckpt.get("ood") is not None  # per-image OOD scores need the stage features
     preds = predict_rows(model, data_dir, rows, ckpt["classes"], pcfg, device=device,
                          batch_size=batch_size, workers=workers, occlusion=occlusion,
-                         lung_focus=lung_focus, progress=progress, desc=split)
+                         lung_focus=lung_focus, features=has_ood, progress=progress, desc=split)
     log.info("Scoring %d %s predictions (%d bootstrap resamples)", len(rows), split, n_resamples)
     doc = build_document(ckpt, checkpoint, preds, data_dir=data_dir, split=split,
                          n_resamples=n_resamples, seed=seed, prevalence=prev,
@@ -913,8 +989,8 @@ def evaluate(
         ext_dir = Path(external_dir)
         ext_rows, mapping = external_rows(ext_dir, ckpt["classes"], class_map)
         ext_preds = predict_rows(model, ext_dir, ext_rows, ckpt["classes"], pcfg, device=device,
-                                 batch_size=batch_size, workers=workers, progress=progress,
-                                 desc="external")
+                                 batch_size=batch_size, workers=workers, features=has_ood,
+                                 progress=progress, desc="external")
         ext = score_predictions(ext_preds, temperature=temperature, operating_point=op,
                                 n_resamples=n_resamples, seed=seed, prevalence=prev)
         doc["external"] = {
@@ -922,11 +998,12 @@ def evaluate(
             "overlap_with_manifest": _overlap_with_manifest(ext_dir, ext_rows, checkpoint.parent),
             **ext, "drop": drop_block(doc, ext),
         }
-        write_predictions_csv(out_dir / "predictions_external.csv", ext_preds, temperature, op)
+        write_predictions_csv(out_dir / "predictions_external.csv", ext_preds, temperature, op,
+                              ckpt)
     doc["findings"] = findings(doc)
     validate_document(doc)
     write_json(out_dir / "metrics.json", doc)
-    write_predictions_csv(out_dir / "predictions.csv", preds, temperature, op)
+    write_predictions_csv(out_dir / "predictions.csv", preds, temperature, op, ckpt)
     _log_summary(doc, out_dir)
     return out_dir / "metrics.json"
 
@@ -945,19 +1022,33 @@ def _log_summary(doc: dict[str, Any], out_dir: Path) -> None:
              _fmt(doc["threshold_free"]["macro_roc_auc"]),
              _fmt(doc["calibration"]["before"]["ece"]), _fmt(doc["calibration"]["after"]["ece"]),
              doc["calibration"]["temperature"])
-    for line in doc["findings"]:
-        log.warning("%s", line)
+    for f in doc["findings"]:
+        log.warning("[%s] %s", f["severity"], f["text"])
     log.info("Report written to %s", out_dir)
 
 
-def finalize_run(run_dir: Path, data_dir: str, device: str = "cpu", progress: bool = True) -> Path:
-    """End of training: calibrate on validation (stored in best.pt), then report on test.
+def finalize_run(run_dir: str | Path, data_dir: str | Path, device: str = "cpu",
+                 progress: bool = True, *, export: bool = False) -> Path:
+    """End of training, in this order (each step rewrites ``best.pt`` atomically):
+
+    1. temperature and operating point on the validation split (:func:`recalibrate_checkpoint`);
+    2. OOD statistics and the OOD and low-confidence cut-offs on the validation split
+       (:func:`core.ood.calibrate_run_ood`, which uses the temperature of step 1);
+    3. with ``export``, the serving graph beside ``best.pt`` and the check of which reduced
+       precisions may serve (:func:`core.export.finish_run`; nothing passes: fp32 serves);
+    4. the test report, whose per-image records carry each image's OOD score and flags under
+       the cut-offs of step 2 and whose ``checkpoint_sha256`` is that of the final ``best.pt``.
 
     Returns the path of ``run_dir/report/metrics.json``.
     """
     run_dir = Path(run_dir)
     best = run_dir / "best.pt"
     recalibrate_checkpoint(best, data_dir, device=device, progress=progress)
+    ood.calibrate_run_ood(run_dir, data_dir, device=device, progress=progress)
+    if export:
+        from core import export as export_lib
+
+        export_lib.finish_run(run_dir, data_dir)
     return evaluate(best, data_dir, "test", run_dir / "report", device=device, progress=progress)
 
 

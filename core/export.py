@@ -47,11 +47,11 @@ from core import network as net
 from core.devices import cpu_has_native_bf16, resolve_precision
 from core.errors import CheckpointError, ConfigError, CXRError
 from core.model import load_checkpoint, model_from_checkpoint, preprocess_config_of
+from core.runs import SERVING_FILE
 
 log = logging.getLogger(__name__)
 
 EXPORT_VERSION = 1
-SERVING_FILE = "serving.json"
 MIN_TOP1_AGREEMENT = 0.995
 MAX_DECISION_CHANGES = 0
 MIN_OOD_AGREEMENT = 0.98

@@ -46,8 +46,10 @@ a prediction whose top probability falls below it is less confident than 95 % of
 validation predictions and is flagged.
 
 :func:`calibrate_run_ood` computes both for a finished run (after
-``core.evaluate.finalize_run``, which stores the temperature) and rewrites ``best.pt``
-atomically.
+``core.evaluate.recalibrate_checkpoint``, which stores the temperature; it reads nothing of
+the test report, so training fits them before writing it) and rewrites ``best.pt``
+atomically. :func:`image_flags` applies them to images already scored (the evaluation
+report's per-image records).
 """
 
 from __future__ import annotations
@@ -266,6 +268,39 @@ def fit_low_confidence(max_probabilities: Any, temperature: float, calibrated: b
     }
 
 
+def score_pooled(stats: Mapping[str, Any], pooled: Mapping[str, Any]) -> np.ndarray:
+    """:func:`ood_score` of pooled stage features (:func:`pooled_layer_features`), also for
+    statistics fitted on the head's input alone (``layer4``, stored as one plain array)."""
+    if list(stats["layer_names"]) == [SINGLE] and SINGLE not in pooled:
+        return ood_score(stats, {SINGLE: pooled["layer4"]})
+    return ood_score(stats, dict(pooled))
+
+
+def image_flags(ckpt: Mapping[str, Any], pooled: Mapping[str, Any] | None,
+                proba: Any) -> dict[str, np.ndarray | None]:
+    """Per-image OOD score and flag and low-confidence flag under a checkpoint's stored
+    statistics and cut-offs (``ckpt["ood"]``, ``ckpt["low_confidence"]``), as the predictor
+    sets them on the fp32 network.
+
+    ``pooled``: the images' pooled stage features (None when not computed); ``proba``: their
+    calibrated probabilities (N x K). An entry is None where the checkpoint (or ``pooled``)
+    lacks what it needs: ``ood_score`` and ``ood`` without OOD statistics, ``low_confidence``
+    without a low-confidence cut-off.
+    """
+    p = np.asarray(proba, np.float64)
+    out: dict[str, np.ndarray | None] = {"ood_score": None, "ood": None, "low_confidence": None}
+    stats = ckpt.get("ood")
+    if stats is not None and pooled is not None:
+        check_stats(stats)
+        scores = score_pooled(stats, pooled)
+        out["ood_score"] = scores
+        out["ood"] = scores > float(stats["threshold"])
+    low = ckpt.get("low_confidence")
+    if low is not None and p.size:
+        out["low_confidence"] = p.max(axis=1) < float(low["threshold"])
+    return out
+
+
 # ---------------------------------------------------------------- a whole run
 
 
@@ -306,9 +341,9 @@ def calibrate_run_ood(
     Reads ``run_dir/best.pt`` and ``run_dir/manifest.csv``; features come from the run's own
     model and preprocessing contract (``core.data.CXRDataset``, no augmentation). Stores
     ``ood`` and ``low_confidence`` in ``best.pt`` (atomic rewrite; other keys untouched)
-    and returns both. Call it after ``core.evaluate.finalize_run`` so that the
+    and returns both. Call it after ``core.evaluate.recalibrate_checkpoint`` so that the
     low-confidence cut-off uses the calibrated temperature (without one, T = 1 is used and
-    recorded).
+    recorded); ``core.evaluate.finalize_run`` calls it between the two.
     """
     from torch.utils.data import DataLoader
 
@@ -333,8 +368,8 @@ def calibrate_run_ood(
     if not (np.isfinite(t) and t > 0):
         raise CheckpointError(f"Checkpoint temperature {t} is not a positive number.")
     if not calibrated:
-        log.warning("%s has no temperature (run core.evaluate.finalize_run first); the "
-                    "low-confidence cut-off uses uncalibrated probabilities", best)
+        log.warning("%s has no temperature (run core.evaluate.recalibrate_checkpoint "
+                    "first); the low-confidence cut-off uses uncalibrated probabilities", best)
 
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev).eval()

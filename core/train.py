@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, Weig
 from tqdm.auto import tqdm
 
 from core import model as model_lib
+from core import runs
 from core.config import (
     ARCHS,
     MODES,
@@ -296,12 +297,15 @@ class Trainer:
     def prepare_data(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         manifest_path = self.out / "manifest.csv"
-        if self.tc.resume and manifest_path.is_file():
+        resumed = self.tc.resume and manifest_path.is_file()
+        if resumed:
             manifest = load_manifest(manifest_path, self.cfg.data.data_dir)
         else:
             manifest = build_manifest(self.cfg.data, progress=self.progress and self.is_main)
             if self.is_main:
                 manifest.save(manifest_path)
+        if self.is_main and not (resumed and (self.out / runs.DATASET_FILE).is_file()):
+            runs.write_dataset_summary(self.out, self.cfg.data.data_dir, manifest)
         self.manifest: Manifest = manifest
         self.classes = manifest.classes
         pp, aug = self.cfg.preprocess, self.cfg.augment
@@ -568,11 +572,14 @@ class Trainer:
 def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) -> Path:
     """Train a run end to end; returns the path of ``best.pt``.
 
-    With ``cfg.train.evaluate`` (the default) the rank-0 process then fits calibration and
-    the operating point on validation and writes the test report (``core.evaluate``), fits
-    the OOD and low-confidence cut-offs (``core.ood``) and, with ``cfg.train.export`` (the
-    default), exports the serving graph beside ``best.pt`` and checks which reduced
-    precisions may serve (``core.export``).
+    The rank-0 process writes ``dataset.json`` from the manifest before training. With
+    ``cfg.train.evaluate`` (the default) it then finishes the run
+    (``core.evaluate.finalize_run``): temperature and operating point on validation, the OOD
+    and low-confidence cut-offs on validation (``core.ood``), with ``cfg.train.export`` (the
+    default) the serving graph exported beside ``best.pt`` and the check of which reduced
+    precisions may serve (``core.export``), and last the test report, whose per-image
+    records carry the OOD and low-confidence flags. It ends by writing the checkpoint
+    summary ``run.json`` (``core.runs.summarise``) of the final ``best.pt``.
     """
     trainer = Trainer(cfg, progress=progress)
     try:
@@ -580,17 +587,13 @@ def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) 
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if cfg.train.evaluate and trainer.is_main:
-        from core import evaluate, ood
+    if trainer.is_main:
+        if cfg.train.evaluate:
+            from core import evaluate
 
-        evaluate.finalize_run(best.parent, cfg.data.data_dir, device=str(trainer.device),
-                              progress=progress)
-        ood.calibrate_run_ood(best.parent, cfg.data.data_dir, device=str(trainer.device),
-                              progress=progress)
-        if cfg.train.export:
-            from core import export
-
-            export.finish_run(best.parent, cfg.data.data_dir)
+            evaluate.finalize_run(best.parent, cfg.data.data_dir, device=str(trainer.device),
+                                  progress=progress, export=cfg.train.export)
+        runs.summarise(best.parent)
     return best
 
 

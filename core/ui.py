@@ -42,11 +42,20 @@ def disclaimer() -> None:
     st.warning(DISCLAIMER, icon="⚠️")
 
 
-@st.cache_resource(show_spinner="Loading the model…")
-def load_predictor(checkpoint: str) -> Any:
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def load_predictor(checkpoint: str, stamp: tuple[tuple[str, float], ...]) -> Any:
+    """The run's predictor, shared by every session. ``stamp``
+    (:func:`core.runs.predictor_files`: the files it reads and their modification times) is
+    part of the key, so a rewritten checkpoint is loaded again; at most two are held."""
     from core.inference import Predictor
 
     return Predictor.from_checkpoint(checkpoint)
+
+
+def predictor_for(run: runs.RunArtifacts) -> Any:
+    """:func:`load_predictor` for a run (raises :class:`core.errors.CheckpointError` when its
+    checkpoint is gone or unusable)."""
+    return load_predictor(str(run.checkpoint), runs.predictor_files(run.checkpoint))
 
 
 @st.cache_data(show_spinner=False)
@@ -68,7 +77,7 @@ def _load_run(path: str, stamp: tuple[float, ...]) -> runs.RunArtifacts:
 
 
 def _stamp(run_dir: Path) -> tuple[float, ...]:
-    files = ("best.pt", "run.json", "config.json", "history.json", "dataset.json", "int8.json",
+    files = ("best.pt", "run.json", "config.json", "history.json", "dataset.json", "serving.json",
              "report/metrics.json", "report/predictions.csv")
     return tuple((run_dir / f).stat().st_mtime if (run_dir / f).exists() else 0.0 for f in files)
 

@@ -146,7 +146,7 @@ def test_real_checkpoint_report(small_run: SmallRun, tmp_path: Path) -> None:
     assert sc["risk"] in ("high", "moderate", "low", "inconclusive") and sc["verdict"]
     assert sc["chance_accuracy"] == pytest.approx(max(doc["class_counts"].values()) / doc["n"])
     assert doc["calibration"]["fitted"] is False and doc["operating_point"] is None
-    assert any("not calibrated" in f for f in doc["findings"])
+    assert any(f["id"] == "uncalibrated" and "not calibrated" in f["text"] for f in doc["findings"])
     assert not doc["sources"]["available"]  # cxr-real ships no metadata spreadsheets
     lf = doc["lung_focus"]  # no masks in cxr-real: the shipped segmenter gives them
     assert lf["lung_view"] == doc["run"]["lung_view"] == "none"
@@ -220,7 +220,8 @@ def test_cli_with_external_set_and_calibrate(synthetic_run: SmallRun, tmp_path: 
     ex = doc["external"]
     assert ex["n"] == 9 and ex["class_map"]["Lung_Opacity"] is None
     assert ex["overlap_with_manifest"] == 9  # copied from the run's own dataset
-    assert any("not independent" in f for f in doc["findings"])
+    assert any(f["id"] == "external-overlap" and f["severity"] == "high"
+               and "not independent" in f["text"] for f in doc["findings"])
     assert set(ex["drop"]) == {"accuracy", "macro_f1", "macro_roc_auc", "per_class_roc_auc"}
     covid = doc["at_argmax"]["per_class"]["COVID"]
     assert covid["prevalence"] == 0.05 and "ppv_at_prevalence" in covid
@@ -267,9 +268,11 @@ def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_pa
 def test_low_lung_focus_becomes_a_finding() -> None:
     doc = {"calibration": {"fitted": True}, "operating_point": None, "run": {"warnings": []},
            "lung_focus": {"overall": {"n": 50, "mean": 0.8}}}
-    assert any("mostly outside the lungs" in f for f in E.findings(doc))
+    found = [f for f in E.findings(doc) if f["id"] == "low-lung-focus"]
+    assert len(found) == 1 and "mostly outside the lungs" in found[0]["text"]
+    assert found[0]["severity"] == "medium"
     doc["lung_focus"]["overall"]["mean"] = 1.3
-    assert not any("outside the lungs" in f for f in E.findings(doc))
+    assert not any("outside the lungs" in f["text"] for f in E.findings(doc))
 
 
 def test_cli_errors_are_reported_not_raised(synthetic_run: SmallRun, tmp_path: Path,
@@ -394,3 +397,98 @@ def test_source_report_from_metadata_xlsx(tmp_path: Path) -> None:
     (root / "Broken.metadata.xlsx").write_text("not a spreadsheet")
     broken = E.source_report(root, ["Broken"])
     assert not broken["available"] and "cannot read" in broken["reason"]
+
+
+# ---------------------------------------------------------------- per-image records
+
+
+def test_records_agree_with_the_report_and_the_predictor(synthetic_run: SmallRun,
+                                                         tmp_path: Path) -> None:
+    """finalize_run fits the OOD and low-confidence cut-offs before the test report, so
+    each record carries its OOD score (as the predictor computes it) and both flags under
+    the checkpoint's cut-offs; the records reproduce the report's figures."""
+    from core import ood
+    from core.inference import Predictor
+
+    run = copy_run(synthetic_run, tmp_path / "run")
+    E.finalize_run(run.run_dir, str(run.data_dir), progress=False)
+    doc = json.loads((run.run_dir / "report" / "metrics.json").read_text())
+    rec = pd.read_csv(run.run_dir / "report" / "predictions.csv")
+    ckpt = load_checkpoint(run.checkpoint)
+    classes = doc["run"]["classes"]
+    assert len(rec) == doc["n"]
+    assert (rec["correct"] == (rec["predicted_class"] == rec["true_class"])).all()
+
+    # at the operating point, the records' confusion counts are the report's
+    cm = pd.crosstab(rec["true_class"], rec["predicted_class_at_operating_point"]).reindex(
+        index=classes, columns=classes, fill_value=0)
+    assert cm.to_numpy().tolist() == doc["at_operating_point"]["confusion_matrix"]["counts"]
+    cm = pd.crosstab(rec["true_class"], rec["predicted_class"]).reindex(
+        index=classes, columns=classes, fill_value=0)
+    assert cm.to_numpy().tolist() == doc["at_argmax"]["confusion_matrix"]["counts"]
+
+    # the probe's predictions give the report's probe accuracies
+    for probe in E.PROBES:
+        acc = (rec[f"{probe}_pred"] == rec["true_class"]).mean()
+        assert acc == pytest.approx(doc["shortcut"]["conditions"][probe]["accuracy"]["value"],
+                                    abs=1e-6)  # the report keeps 6 decimals
+    scored = rec["lung_focus"].dropna()
+    assert len(scored) == doc["lung_focus"]["overall"]["n"]
+    if len(scored):
+        assert scored.mean() == pytest.approx(doc["lung_focus"]["overall"]["mean"], abs=1e-5)
+
+    # OOD: the flag is the score above the checkpoint's cut-off, and the score is the
+    # predictor's for the same file (the fp32 network, an independent code path)
+    assert (rec["ood"] == (rec["ood_score"] > ckpt["ood"]["threshold"])).all()
+    predictor = Predictor(ckpt, device="cpu", backend="eager", precision="fp32")
+    for _, row in rec.head(6).iterrows():
+        got = predictor.predict(run.data_dir / row["path"])
+        assert got.ood_score == pytest.approx(row["ood_score"], rel=1e-4)
+        assert got.label == row["predicted_class"]
+        assert got.decision == row["predicted_class_at_operating_point"]
+    # low confidence: the top calibrated probability below the checkpoint's cut-off
+    # (rows within the CSV's rounding of the cut-off are not decidable from it)
+    top = rec[[f"prob_{c}" for c in classes]].max(axis=1)
+    thr = ckpt["low_confidence"]["threshold"]
+    clear = (top - thr).abs() > 2e-6
+    assert clear.sum() >= len(rec) // 2
+    assert (rec.loc[clear, "low_confidence"] == (top[clear] < thr)).all()
+    assert ood.image_flags({}, None, np.ones((2, 3)) / 3) == {
+        "ood_score": None, "ood": None, "low_confidence": None}
+
+
+def test_records_without_ood_statistics_leave_those_columns_empty(synthetic_run: SmallRun,
+                                                                  tmp_path: Path) -> None:
+    assert "ood" not in load_checkpoint(synthetic_run.checkpoint)
+    E.evaluate(synthetic_run.checkpoint, synthetic_run.data_dir, "test", tmp_path / "report",
+               n_resamples=0, occlusion=False, lung_focus=False, progress=False)
+    rec = pd.read_csv(tmp_path / "report" / "predictions.csv")
+    assert list(rec.columns[-7:]) == ["correct", "periphery_pred", "centre_pred", "lung_focus",
+                                      "ood_score", "ood", "low_confidence"]
+    for col in ("periphery_pred", "centre_pred", "lung_focus", "ood_score", "ood",
+                "low_confidence"):
+        assert rec[col].isna().all(), col
+    assert rec["correct"].dtype == bool
+
+
+def test_findings_ids_and_severities() -> None:
+    base = {"calibration": {"fitted": False}, "operating_point": None,
+            "run": {"warnings": ["manifest differs"]},
+            "shortcut": {"risk": "high", "verdict": "SHORTCUT LIKELY."},
+            "sources": {"confounded": True},
+            "external": {"n": 40, "overlap_with_manifest": 0, "drop": {"macro_roc_auc": {
+                "internal": 0.95, "external": 0.80, "drop": 0.15}}}}
+    got = {f["id"]: f for f in E.findings(base)}
+    assert list(got) == ["shortcut-risk", "external-drop", "confounded-sources", "uncalibrated",
+                         "no-operating-point", "run-warning-1"]
+    assert {k: f["severity"] for k, f in got.items()} == {
+        "shortcut-risk": "high", "external-drop": "high", "confounded-sources": "high",
+        "uncalibrated": "medium", "no-operating-point": "low", "run-warning-1": "medium"}
+    assert got["shortcut-risk"]["text"] == "SHORTCUT LIKELY."
+    assert got["run-warning-1"]["text"] == "manifest differs"
+    base["shortcut"] = {"risk": "inconclusive", "verdict": "not above chance"}
+    base["external"]["drop"]["macro_roc_auc"]["drop"] = -0.01
+    got = {f["id"]: f["severity"] for f in E.findings(base)}
+    assert got["near-chance"] == "high" and got["external-drop"] == "info"
+    for f in E.findings(base):
+        jsonschema.validate([f], SCHEMA["properties"]["findings"])
