@@ -411,9 +411,9 @@ def bench_infer(args: argparse.Namespace) -> int:
         reference = net.TorchNetwork(model_from_checkpoint(ckpt), torch.device("cpu"), None)
         xs = [torch.stack([helper.prepare(p.read_bytes()).x for p in paths[i : i + args.batch_size]])
               for i in range(0, len(paths), args.batch_size)]
-        ref = export._run_all(reference, xs)
+        ref = export.run_all(reference, xs)
         for b, p in predictors.items():
-            c = export.compare(ref, export._run_all(p._net, xs), ckpt)
+            c = export.compare(ref, export.run_all(p._net, xs), ckpt)
             print(f"infer: [{b} = {p.network}] against PyTorch fp32 eager on {c['n']} real {what}: "
                   f"top-1 agreement {100 * c['top1_agreement']:.2f}%, max |delta p| "
                   f"{c['max_abs_dp']:.1e}, operating-point decision changes "

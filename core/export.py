@@ -354,7 +354,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     return out
 
 
-def _run_all(network: net.Network, batches: list[torch.Tensor]) -> dict[str, Any]:
+def run_all(network: net.Network, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """Logits and pooled stage activations of a network over batches, concatenated."""
     outs = [network(x) for x in batches]
     return {"logits": torch.cat([o.logits for o in outs]).numpy(),
             "pooled": {k: np.concatenate([o.pooled[k] for o in outs]) for k in outs[0].pooled}}
@@ -389,11 +390,11 @@ def check_reduced_precisions(run_dir: str | Path, data_dir: str | Path, *,
     splits = run_split_rows(run_dir, data_dir, classes, ("train", "val"))
     val = [x for x, *_ in _loader(data_dir, _sample(splits["val"], agreement_images, seed), classes, ckpt)]
     model = model_from_checkpoint(ckpt)
-    reference = _run_all(net.TorchNetwork(model, torch.device("cpu"), None), val)
+    reference = run_all(net.TorchNetwork(model, torch.device("cpu"), None), val)
     widths = net.stage_widths(model)
     checks: dict[str, Any] = {}
     fp32_graph = graph_path(best)
-    fp32 = _run_all(net.RuntimeNetwork(fp32_graph, widths, net.DEFAULT_RUNTIME, "fp32"), val)
+    fp32 = run_all(net.RuntimeNetwork(fp32_graph, widths, net.DEFAULT_RUNTIME, "fp32"), val)
     checks[f"{net.DEFAULT_RUNTIME}-fp32"] = compare(reference, fp32, ckpt)
     pairs = candidates_here()
     if any(p == "int8" for _, p in pairs):
@@ -404,7 +405,7 @@ def check_reduced_precisions(run_dir: str | Path, data_dir: str | Path, *,
         graph = graph_path(best, prec)
         try:
             checks[f"{runtime}-{prec}"] = compare(
-                reference, _run_all(net.RuntimeNetwork(graph, widths, runtime, prec), val), ckpt)
+                reference, run_all(net.RuntimeNetwork(graph, widths, runtime, prec), val), ckpt)
         except (RuntimeError, ConfigError) as exc:  # the runtime refused the graph
             checks[f"{runtime}-{prec}"] = {"passed": False, "error": str(exc)[:300]}
     summary = {"weights_sha256": file_sha256(best), "export_version": EXPORT_VERSION,
