@@ -178,12 +178,13 @@ class RuntimeNetwork:
 
     ``graph``: the ONNX file's path or bytes (the fp32 graph, or the int8 one);
     ``precision``: ``fp32``, ``bf16`` (OpenVINO on native-bf16 CPUs) or ``int8`` (a graph
-    quantised by :func:`core.export.quantize_int8`)."""
+    quantised by :func:`core.export.quantize_int8`); ``threads``: intra-op threads (default:
+    torch's setting, at most the CPUs available)."""
 
     def __init__(self, graph: str | Path | bytes, widths: list[int], runtime: str,
                  precision: str, threads: int = 0) -> None:
         check_precision(runtime, precision)
-        threads = threads or usable_cpus()
+        threads = threads or min(usable_cpus(), torch.get_num_threads())
         self.name = f"{runtime}-{precision}"
         self._widths = widths
         self.runtime, self.precision = runtime, precision

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPUs), fp16 (torch on a GPU), int8 (onnx/openvino, after "
                         "core.export --data-dir) trade exactness for speed (default auto)")
     g.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (default 0: torch's default)")
+                   help="CPU threads for the network, any runtime (default 0: the CPUs available)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bar")
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
