@@ -89,8 +89,8 @@ def trim_heap() -> None:
 def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``).
 
-    Loading copies ~100 MB of weights several times (checkpoint, BatchNorm folding,
-    channels-last, TorchScript); glibc keeps most of the freed blocks in its heap, where they
+    Loading copies ~100 MB of weights more than once (the checkpoint, the exported graph's
+    metadata read, the runtime's own copy); glibc keeps most of the freed blocks in its heap, where they
     would count as the server's resident memory for ever. A no-op elsewhere.
     """
     import gc
