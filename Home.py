@@ -14,6 +14,7 @@ navigation = st.navigation({
         st.Page("pages/data_explorer.py", title="Data Explorer", icon="🗂️"),
         st.Page("pages/model_performance.py", title="Model Performance", icon="📈"),
         st.Page("pages/explainability.py", title="Explainability", icon="🔍"),
+        st.Page("pages/training.py", title="Training", icon="🏋️"),
     ],
     "Use": [
         st.Page("pages/clinical_predictions.py", title="Clinical Predictions", icon="🩻"),

@@ -43,14 +43,15 @@ def add_metrics_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_metrics(args: argparse.Namespace) -> int:
-    """Time the full metric report (core.evaluate.score_predictions) on synthetic predictions.
+    """Time the full metric report (core.report.score_predictions) on synthetic predictions.
 
     Covers everything evaluation computes after inference: calibration before/after, ROC-AUC
     and AP, count metrics at argmax and at an operating point, curves, and (by default) the
     two occlusion-probe conditions, all with the shared stratified bootstrap.
     """
     from core import metrics as M
-    from core.evaluate import Predictions, score_predictions
+    from core.report import score_predictions
+    from core.scoring import Predictions
 
     rng = np.random.default_rng(args.seed)
     k, n = args.classes, args.n
@@ -304,10 +305,10 @@ def bench_infer(args: argparse.Namespace) -> int:
         CHECKPOINT_FORMAT,
         CHECKPOINT_VERSION,
         build_model,
-        load_checkpoint,
         model_from_checkpoint,
         save_checkpoint,
     )
+    from core.sidecars import load_run_checkpoint
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -325,7 +326,7 @@ def bench_infer(args: argparse.Namespace) -> int:
                          "preprocess": to_dict(PreprocessConfig(img_size=args.img_size)),
                          "state_dict": model.state_dict()}, ckpt_path)
         del model
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_run_checkpoint(ckpt_path)  # with its calibration and OOD sidecars
     size = int(ckpt["preprocess"]["img_size"])
     native = cpu_has_native_bf16()
     paths, what = _infer_images(data_dir, ckpt_path, args.agreement_limit)

@@ -16,19 +16,19 @@ import csv
 import hashlib
 import io
 import logging
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from core.config import DataConfig
-from core.errors import CheckpointError, DatasetError, InvalidImageError
-from core.preprocess import Transform, load_gray
+from core.errors import CheckpointError, DatasetError, InvalidImageError, ManifestChangedError
+from core.preprocess import Transform, load_gray, load_gray_bytes, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +123,21 @@ PHASH_SIZE = 16  # 16x16 = 256-bit pHash
 def file_hashes(path: Path) -> tuple[str, int]:
     """(sha1 of the bytes, 256-bit perceptual hash) of one image file.
 
-    A 256-bit pHash (imagehash, ``hash_size=16``) rather than the usual 64-bit one: every
-    chest X-ray shares the same low-frequency layout, and on the shared real set the 64-bit
-    hash put different patients within 4 bits of each other (false merges).
+    The pHash is taken of the 8-bit image the model sees: the preprocessing contract's
+    grayscale decode (:func:`core.preprocess.load_gray_bytes`, 16-bit data scaled by its bit
+    depth) rounded to 8 bits. Pillow's ``convert("L")`` would clip 16-bit data to white, so
+    distinct 16-bit X-rays would all hash alike. A 256-bit pHash (imagehash,
+    ``hash_size=16``) rather than the usual 64-bit one: every chest X-ray shares the same
+    low-frequency layout, and on the shared real set the 64-bit hash put different patients
+    within 4 bits of each other (false merges). Raises InvalidImageError (a ValueError) for
+    a file that cannot be decoded.
     """
     import imagehash
 
     data = path.read_bytes()
     sha1 = hashlib.sha1(data).hexdigest()
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        ph = imagehash.phash(img.convert("L"), hash_size=PHASH_SIZE)
+    seen = Image.fromarray(to_uint8(load_gray_bytes(data)))
+    ph = imagehash.phash(seen, hash_size=PHASH_SIZE)
     return sha1, int(str(ph), 16)
 
 
@@ -216,6 +220,16 @@ class Manifest:
     def sha256(self) -> str:
         return hashlib.sha256(self.to_csv().encode()).hexdigest()
 
+    def split_digests(self) -> dict[str, dict[str, Any]]:
+        """Per split: its image count and the SHA-256 of its sorted ``path,class,sha1`` lines
+        (stored in checkpoints, so that a changed manifest can say which split changed)."""
+        out = {}
+        for s in SPLITS:
+            lines = sorted(f"{r['path']},{r['class']},{r['sha1']}" for r in self.split(s))
+            out[s] = {"n": len(lines),
+                      "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+        return out
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,29 +254,84 @@ def load_manifest(path: str | Path, root: str | Path) -> Manifest:
     return Manifest(root=Path(root), classes=classes, rows=rows)
 
 
-def run_split_rows(run_dir: str | Path, data_dir: str | Path, classes: Sequence[str],
-                   splits: Sequence[str]) -> dict[str, list[dict[str, str]]]:
-    """The rows of a finished run's splits (``run_dir/manifest.csv``), checked: each split has
-    images, only checkpoint ``classes``, and every file is present under ``data_dir``."""
+def run_split_rows(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    ckpt: Mapping[str, Any],
+    splits: Sequence[str],
+    *,
+    allow_manifest_change: bool = False,
+) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
+    """The rows of a finished run's splits, read from ``run_dir/manifest.csv`` and checked
+    against its checkpoint ``ckpt``: the one reader of a run's splits (evaluation,
+    calibration, OOD and int8 statistics).
 
-    manifest_path = Path(run_dir) / "manifest.csv"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{manifest_path} not found: this step needs the run's split "
-                              "manifest beside the checkpoint (written by core.train).")
-    manifest = load_manifest(manifest_path, data_dir)
+    Returns ``({split: rows}, warnings)``. Raises :class:`~core.errors.ManifestChangedError`,
+    saying which splits changed, when the manifest is not the one the checkpoint was trained
+    on (its ``manifest_sha256``), unless ``allow_manifest_change`` (then the same text is a
+    warning); CheckpointError without a manifest or with classes the checkpoint lacks;
+    DatasetError for an empty split or images missing under ``data_dir``.
+    """
+    if not isinstance(ckpt, Mapping):
+        raise TypeError("run_split_rows takes the run's checkpoint dict (it checks the manifest "
+                        "hash and the classes against it), not a list of classes")
+    path = Path(run_dir) / "manifest.csv"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: this step needs the run's split manifest "
+                              "beside the checkpoint (written by core.train).")
+    manifest = load_manifest(path, data_dir)
+    warnings: list[str] = []
+    expected = ckpt.get("manifest_sha256")
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if expected and expected != actual:
+        text = (f"{path} is not the manifest the checkpoint was trained on (sha256 "
+                f"{actual[:12]}, trained on {str(expected)[:12]}); changed: "
+                f"{'; '.join(manifest_changes(manifest, ckpt.get('manifest_splits')))}. "
+                "The images evaluated or fitted on may overlap the training images")
+        if not allow_manifest_change:
+            raise ManifestChangedError(
+                f"{text}. Restore the run's manifest.csv, or pass --allow-manifest-change "
+                "(allow_manifest_change=True) to go on anyway.")
+        log.warning("%s (going on: --allow-manifest-change)", text)
+        warnings.append(f"{text}.")
+    classes = list(ckpt["classes"])
     out = {s: manifest.split(s) for s in splits}
     for name, rows in out.items():
         if not rows:
-            raise DatasetError(f"The manifest {manifest_path} has no {name!r} images.")
+            raise DatasetError(f"The manifest {path} has no {name!r} images.")
         unknown = sorted({r["class"] for r in rows} - set(classes))
         if unknown:
-            raise CheckpointError(f"Manifest classes {unknown} are not checkpoint classes "
-                                  f"{list(classes)}.")
+            raise CheckpointError(f"Manifest classes {unknown} are not classes of the "
+                                  f"checkpoint ({classes}).")
         missing = [r["path"] for r in rows if not (Path(data_dir) / r["path"]).is_file()]
         if missing:
-            raise DatasetError(f"{len(missing)} {name} images are missing under {data_dir} "
-                               f"(e.g. {missing[0]}); pass the data folder the run was trained on.")
-    return out
+            trained_on = (ckpt.get("data_config") or {}).get("data_dir", "?")
+            raise DatasetError(
+                f"{len(missing)} of {len(rows)} {name} images are missing under {data_dir} "
+                f"(e.g. {missing[0]}). Manifest paths are relative to the dataset root; pass "
+                f"the --data-dir the run was trained on (the checkpoint says {trained_on}).")
+    return out, warnings
+
+
+def manifest_changes(manifest: Manifest, recorded: Mapping[str, Any] | None) -> list[str]:
+    """What differs per split between ``manifest`` and the split digests a checkpoint
+    recorded (:meth:`Manifest.split_digests`); without those (older checkpoints), the
+    manifest's split sizes now."""
+    now = manifest.split_digests()
+    if not recorded:
+        sizes = ", ".join(f"{s} {now[s]['n']}" for s in SPLITS)
+        return [f"unknown (the checkpoint records no split sizes; the manifest now has {sizes} "
+                "images)"]
+    out = []
+    for s in SPLITS:
+        old = recorded.get(s) or {"n": 0, "sha256": ""}
+        if old.get("sha256") == now[s]["sha256"]:
+            continue
+        if int(old.get("n", 0)) != now[s]["n"]:
+            out.append(f"{s}: {old.get('n', 0)} -> {now[s]['n']} images")
+        else:
+            out.append(f"{s}: {now[s]['n']} images, not the same ones")
+    return out or ["row order or columns only (every split holds the same images)"]
 
 
 def _assign_splits(
@@ -403,8 +472,12 @@ class CXRDataset(torch.utils.data.Dataset):
         try:
             gray = load_gray(self.root / row["path"])
         except InvalidImageError as exc:  # the file changed after the manifest was written
-            warnings.warn(f"{exc}; using a blank image in its place", stacklevel=2)
-            gray = np.zeros((self.transform.cfg.img_size,) * 2, np.float32)
+            # Never a blank image in its place: it would be trained on or scored silently.
+            raise DatasetError(
+                f"{row['path']} (under {self.root}) can no longer be read ({exc}); it was "
+                "readable when the split manifest was written. Restore the file, or start a "
+                "new run so that the manifest leaves it out."
+            ) from exc
         if not self.lung_masks:
             return self.transform(gray), self.targets[i]
         from core import lungs
@@ -490,7 +563,7 @@ def dataset_summary(manifest: Manifest, sources: dict | None = None) -> dict:
     per class and split, duplicate groups (from the manifest's ``dup_group``), the files
     left out and why (passed over by :func:`discover`, unreadable in :func:`build_manifest`;
     a manifest read back from CSV no longer knows the latter), image sizes and bit depths (from file headers) and,
-    given ``sources`` (``core.evaluate.source_report``'s block), the image sources per class.
+    given ``sources`` (``core.metadata.source_report``'s block), the image sources per class.
     """
     groups: dict[str, list[str]] = defaultdict(list)
     for r in manifest.rows:
@@ -531,3 +604,11 @@ def dataset_summary(manifest: Manifest, sources: dict | None = None) -> dict:
         "sources": {"available": bool(src.get("available")), "reason": src.get("reason"),
                     "per_class": per_class},
     }
+
+
+if __name__ == "__main__":  # python -m core.data download [--dest D]: see core.download
+    # The download builds on this module (it verifies with discover), so the library never
+    # imports it: the command line alone forwards to it by name.
+    import runpy
+
+    runpy.run_module("core.download", run_name="__main__", alter_sys=True)

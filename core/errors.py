@@ -28,3 +28,26 @@ class CheckpointError(CXRError, RuntimeError):
 
 class WeightsUnavailableError(CXRError, RuntimeError):
     """Pretrained weights could not be obtained (typically: no internet)."""
+
+
+# ---- first run: dataset download and in-app training jobs ----
+
+
+class DownloadError(CXRError, RuntimeError):
+    """The dataset could not be downloaded (no network, credentials or consent needed...)."""
+
+
+class JobError(CXRError, RuntimeError):
+    """A background training job cannot be started, resumed or cancelled."""
+
+
+class JobRunningError(JobError):
+    """Another training job is running: only one at a time."""
+
+
+class TrainingDisabledError(JobError):
+    """In-app training is turned off on this deployment (``CXR_ALLOW_TRAINING=0``)."""
+
+
+class ManifestChangedError(DatasetError):
+    """A run's ``manifest.csv`` is not the one its checkpoint was trained on."""

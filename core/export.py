@@ -251,7 +251,7 @@ def _loader(data_dir: str | Path, rows: list[dict[str, str]], classes: list[str]
             ckpt: dict[str, Any], batch_size: int = 32) -> Any:
     from torch.utils.data import DataLoader
 
-    from core.evaluate import evaluation_dataset
+    from core.scoring import evaluation_dataset
 
     ds = evaluation_dataset(data_dir, rows, classes, preprocess_config_of(ckpt))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
@@ -380,10 +380,11 @@ def check_reduced_precisions(run_dir: str | Path, data_dir: str | Path, *,
     check every reduced precision this machine can serve against PyTorch fp32 on the
     validation split; write ``serving.json`` and return it."""
     from core.data import run_split_rows
+    from core.sidecars import load_run_checkpoint
 
     run_dir = Path(run_dir)
     best = run_dir / "best.pt"
-    ckpt = load_checkpoint(best)
+    ckpt = load_run_checkpoint(best)  # with its calibration and OOD sidecars
     classes = list(ckpt["classes"])
     t0 = time.perf_counter()
     ensure_graph(best, ckpt)

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.preprocess import letterbox_box
+from core.pixels import letterbox_box
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from core.errors import InvalidImageError
-from core.preprocess import to_gray
+from core.pixels import to_gray
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import export, gradcam, ood
+from core import export, gradcam, ood, sidecars
 from core.config import PreprocessConfig
 from core.devices import release_free_memory, resolve_device
 from core.errors import CheckpointError, ConfigError, InvalidImageError
@@ -332,7 +332,7 @@ class Predictor:
         Keyword arguments go to the constructor (``runtime``, ``precision``, ``batch_size``).
         Raises :class:`~core.errors.CheckpointError` for a missing or unusable checkpoint.
         """
-        predictor = cls(load_checkpoint(path), device=device, source=str(path), **kwargs)
+        predictor = cls(sidecars.load_run_checkpoint(path), device=device, source=str(path), **kwargs)
         release_free_memory()  # the checkpoint's tensors are garbage now
         return predictor
 

@@ -35,8 +35,9 @@ The cut-off is the 95th percentile of the **validation** scores (never the train
 images, whose scores are optimistically small), so 95 % of in-distribution images pass and
 the expected false-alarm rate on new X-rays is about 5 %.
 
-Everything is stored in the checkpoint as plain tensors and numbers (it loads with
-``torch.load(..., weights_only=True)``) under ``ckpt["ood"]``.
+Everything is stored beside the checkpoint in ``best.ood.safetensors`` (:mod:`core.sidecars`:
+the tensors as safetensors, the rest as JSON metadata) and read back as ``ckpt["ood"]`` by
+:func:`core.sidecars.load_run_checkpoint`.
 
 Low confidence
 --------------
@@ -46,10 +47,10 @@ a prediction whose top probability falls below it is less confident than 95 % of
 validation predictions and is flagged.
 
 :func:`calibrate_run_ood` computes both for a finished run (after
-``core.evaluate.recalibrate_checkpoint``, which stores the temperature; it reads nothing of
-the test report, so training fits them before writing it) and rewrites ``best.pt``
-atomically. :func:`image_flags` applies them to images already scored (the evaluation
-report's per-image records).
+``core.calibration.recalibrate_checkpoint``, which stores the temperature; it reads nothing
+of the test report, so training fits them before writing it) and writes them to the
+sidecar; ``best.pt`` is not modified. :func:`image_flags` applies them to images already
+scored (the evaluation report's per-image records).
 """
 
 from __future__ import annotations
@@ -335,40 +336,42 @@ def calibrate_run_ood(
     dim: int = DEFAULT_DIM,
     pass_rate: float = DEFAULT_PASS_RATE,
     low_confidence_quantile: float = DEFAULT_LOW_CONFIDENCE_QUANTILE,
+    allow_manifest_change: bool = False,
 ) -> dict[str, Any]:
     """Fit OOD statistics (train split) and both cut-offs (validation split) for a run.
 
-    Reads ``run_dir/best.pt`` and ``run_dir/manifest.csv``; features come from the run's own
-    model and preprocessing contract (``core.data.CXRDataset``, no augmentation). Stores
-    ``ood`` and ``low_confidence`` in ``best.pt`` (atomic rewrite; other keys untouched)
-    and returns both. Call it after ``core.evaluate.recalibrate_checkpoint`` so that the
-    low-confidence cut-off uses the calibrated temperature (without one, T = 1 is used and
-    recorded); ``core.evaluate.finalize_run`` calls it between the two.
+    Reads ``run_dir/best.pt`` (with its calibration sidecar) and ``run_dir/manifest.csv``
+    (:func:`core.data.run_split_rows`; see it for ``allow_manifest_change``); features come
+    from the run's own model and preprocessing contract (``core.data.CXRDataset``, no
+    augmentation). Writes ``ood`` and ``low_confidence`` to ``best.ood.safetensors``
+    (:func:`core.sidecars.write_ood`), stamped with the hash of ``best.pt``, which is not
+    modified, and returns both. Call it after ``core.calibration.recalibrate_checkpoint`` so
+    that the low-confidence cut-off uses the calibrated temperature (without one, T = 1 is
+    used and recorded); ``core.evaluate.finalize_run`` calls it between the two.
     """
     from torch.utils.data import DataLoader
 
+    from core import sidecars
     from core.data import CXRDataset, run_split_rows
     from core.devices import resolve_device
-    from core.model import (
-        load_checkpoint,
-        model_from_checkpoint,
-        preprocess_config_of,
-        save_checkpoint,
-    )
+    from core.files import file_sha256
+    from core.model import model_from_checkpoint, preprocess_config_of
     from core.preprocess import build_transform
 
     run_dir = Path(run_dir)
     best = run_dir / "best.pt"
-    ckpt = load_checkpoint(best)
+    sha = file_sha256(best) if best.is_file() else ""
+    ckpt = sidecars.load_run_checkpoint(best, parts=("calibration",))
     classes = list(ckpt["classes"])
-    splits = run_split_rows(run_dir, data_dir, classes, ("train", "val"))
+    splits, _ = run_split_rows(run_dir, data_dir, ckpt, ("train", "val"),
+                               allow_manifest_change=allow_manifest_change)
     temperature = ckpt.get("temperature")
     calibrated = temperature is not None
     t = float(temperature) if calibrated else 1.0
     if not (np.isfinite(t) and t > 0):
         raise CheckpointError(f"Checkpoint temperature {t} is not a positive number.")
     if not calibrated:
-        log.warning("%s has no temperature (run core.evaluate.recalibrate_checkpoint "
+        log.warning("%s has no temperature (run core.calibration.recalibrate_checkpoint "
                     "first); the low-confidence cut-off uses uncalibrated probabilities", best)
 
     dev = resolve_device(device)
@@ -387,14 +390,11 @@ def calibrate_run_ood(
     max_p = torch.softmax(logits_val / t, dim=1).max(dim=1).values.numpy()
     low = fit_low_confidence(max_p, t, calibrated, low_confidence_quantile)
 
-    ckpt = load_checkpoint(best)  # re-read: keep anything written meanwhile
-    ckpt["ood"] = stats
-    ckpt["low_confidence"] = low
-    save_checkpoint(ckpt, best)
+    path = sidecars.write_ood(best, stats, low, weights_sha256=sha)
     log.info("OOD statistics for %s: Mahalanobis on %s (%s-D) from %d train images; cut-off "
-             "%.3f passes %.1f%% of %d val images; low-confidence below p=%.3f; %.1f s", best,
-             "+".join(stats["layer_names"]),
+             "%.3f passes %.1f%% of %d val images; low-confidence below p=%.3f; %.1f s; wrote "
+             "%s", best, "+".join(stats["layer_names"]),
              "/".join(str(stats["layers"][n]["dim"]) for n in stats["layer_names"]),
              stats["n_train"], stats["threshold"], 100 * stats["val_pass_rate"], stats["n_val"],
-             low["threshold"], time.perf_counter() - t0)
+             low["threshold"], time.perf_counter() - t0, path.name)
     return {"ood": stats, "low_confidence": low}

@@ -13,12 +13,15 @@ of this module (``summarise``, ``write_dataset_summary``, the CLI) do import it.
 | ``report/metrics.json`` | the evaluation report (``docs/METRICS.md``) | ``core.evaluate`` |
 | ``report/predictions.csv`` | per-image records of the test split | ``core.evaluate`` |
 | ``serving.json`` | the serving graph's reduced-precision check (which precisions may serve) | ``core.export`` (training's finish) |
+
+The files fitted on the weights (calibration, OOD, int8) sit beside ``best.pt`` as sidecars
+stamped with its hash (``core.sidecars``); ``python -m core.runs migrate RUN_DIR`` writes them
+for a run from before the sidecars, whose ``best.pt`` holds those keys.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +30,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from core import sidecars
+from core.files import file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +83,6 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def write_json(path: str | Path, doc: Any) -> None:
-    """Write ``doc`` as JSON atomically (a temporary file, then ``os.replace``); NaN is an
-    error, not invalid JSON."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-
-
 def _read_optional(path: Path) -> Any:
     """A JSON file's content, or None when it is absent or unreadable (a page then shows
     what is missing; it never fails on a half-written run)."""
@@ -100,21 +97,14 @@ def read_history(run: RunInfo) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def predictor_files(checkpoint: str | Path) -> tuple[tuple[str, float], ...]:
     """The files a predictor of ``checkpoint`` reads, with their modification times: the
-    checkpoint and any sidecar beside it named like it (``best.*``), sorted by path.
+    checkpoint and every sidecar beside it named like it (``best.*``: the calibration, OOD
+    and int8 sidecars of ``core.sidecars`` among them), sorted by path.
 
-    The dashboard keys its cached predictor on this, so a rewritten checkpoint (recalibrated,
-    new OOD cut-offs, an int8 graph added) or a new ``serving.json`` (which precision
-    serves) is loaded again. Raises
+    The dashboard keys its cached predictor on this, so a retrained checkpoint, a refitted
+    sidecar (recalibrated, new OOD cut-offs, an int8 graph added) or a new ``serving.json``
+    (which precision serves) is loaded again. Raises
     :class:`core.errors.CheckpointError` when the checkpoint is absent.
     """
     checkpoint = Path(checkpoint)
@@ -123,8 +113,9 @@ def predictor_files(checkpoint: str | Path) -> tuple[tuple[str, float], ...]:
 
         raise CheckpointError(f"Checkpoint not found: {checkpoint}. Train a run with "
                               f"`python -m core.train --output {checkpoint.parent}`.")
-    files = {checkpoint, *(p for p in checkpoint.parent.glob(f"{checkpoint.stem}.*")
-                           if p.is_file() and not p.name.endswith(".tmp"))}
+    files = {checkpoint, *sidecars.sidecar_files(checkpoint),
+             *(p for p in checkpoint.parent.glob(f"{checkpoint.stem}.*")
+               if p.is_file() and not p.name.endswith(".tmp"))}
     if (checkpoint.parent / SERVING_FILE).is_file():
         files.add(checkpoint.parent / SERVING_FILE)
     return tuple(sorted((str(p), p.stat().st_mtime) for p in files))
@@ -343,12 +334,11 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
 
 def summarise(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """The checkpoint summary ``run.json`` of a run (written into the run folder with
-    ``write``): read from ``best.pt`` once, so that pages need not load it."""
-    from core.model import load_checkpoint
-
+    ``write``): read from ``best.pt`` and its sidecars (``core.sidecars``) once, so that
+    pages need not load them. A stale sidecar is a CheckpointError."""
     run_dir = Path(run_dir)
     best = run_dir / CHECKPOINT_FILE
-    ckpt = load_checkpoint(best)
+    ckpt = sidecars.load_run_checkpoint(best)
     temperature = ckpt.get("temperature")
     op = ckpt.get("operating_point")
     ood = ckpt.get("ood")
@@ -375,13 +365,25 @@ def summarise(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     return doc
 
 
+def migrate(run_dir: str | Path) -> list[Path]:
+    """Write the sidecars of a run from before them (:func:`core.sidecars.migrate`; its
+    ``best.pt`` is not modified), then its ``run.json``. Returns the files written."""
+    run_dir = Path(run_dir)
+    written = sidecars.migrate(run_dir / CHECKPOINT_FILE)
+    if not written:
+        log.info("%s: nothing to migrate (its sidecars are present, or it holds no fitted keys)",
+                 run_dir)
+    summarise(run_dir)
+    return written
+
+
 def write_dataset_summary(run_dir: str | Path, data_dir: str | Path,
                           manifest: Any | None = None) -> dict[str, Any]:
     """Write ``dataset.json`` for a run from its manifest (``manifest``, else the run's
     ``manifest.csv``: skipped files are then unknown and listed as none), with the image
     sources from ``<Class>.metadata.xlsx`` where the dataset has them."""
     from core.data import dataset_summary, load_manifest
-    from core.evaluate import source_report
+    from core.metadata import source_report
 
     run_dir = Path(run_dir)
     if manifest is None:
@@ -409,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "preprocessing, weights hash, calibration, operating point, "
                                    "OOD and low-confidence cut-offs, how it is served).")
     p.add_argument("run_dir", help="the run folder (holds best.pt)")
+    p = sub.add_parser("migrate", help="write the sidecars of an older run from its best.pt",
+                       description="For a run from before the sidecars (calibration, operating "
+                                   "point, OOD and int8 statistics inside best.pt): write "
+                                   "best.calibration.json, best.ood.safetensors and "
+                                   "best.int8.pt from those keys, stamped with the hash of "
+                                   "best.pt, which is not modified; then run.json.")
+    p.add_argument("run_dir", help="the run folder (holds best.pt)")
     p = sub.add_parser("dataset", help="write RUN_DIR/dataset.json from RUN_DIR/manifest.csv",
                        description="Write RUN_DIR/dataset.json: images per class and split, "
                                    "duplicate groups, image sizes and bit depths, sources.")
@@ -426,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "summarise":
             summarise(args.run_dir)
+        elif args.command == "migrate":
+            migrate(args.run_dir)
         else:
             data_dir = args.data_dir or (
                 (_read_optional(Path(args.run_dir) / "config.json") or {})

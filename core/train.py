@@ -420,6 +420,7 @@ class Trainer:
             "epoch": epoch,
             "val_metrics": {k: float(v) for k, v in val.items() if isinstance(v, int | float)},
             "manifest_sha256": self.manifest.sha256(),
+            "manifest_splits": self.manifest.split_digests(),
             "versions": model_lib.library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -687,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the serving graph (best.onnx) and the reduced-precision check "
                    "(core.export) at the end; the predictor exports the graph on first load")
     g.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--progress-file", default=None,
+                   help="write step progress (epoch, step, images/s, ETA) to this JSON file "
+                   "(core.progress; the app's Training page reads it)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -724,7 +728,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        best = fit(config_from_args(args), progress=not args.quiet)
+        cfg = config_from_args(args)
+        on_step = None
+        if args.progress_file and dist_info()[0] == 0:
+            from core.progress import StepProgress
+
+            on_step = StepProgress(args.progress_file, cfg)
+        best = fit(cfg, on_step=on_step, progress=not args.quiet)
     except CXRError as exc:
         log.error("%s", exc)
         return 2

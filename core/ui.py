@@ -201,3 +201,68 @@ def change_metric(column: Any, label: str, value: float, baseline: float,
     column.metric(label, f"{value:.1f}", delta=f"{delta:+.1f}" if delta else "no change",
                   delta_color="inverse" if delta else "off",
                   delta_arrow="auto" if delta else "off", help=help)
+
+
+# ---- training ----
+
+
+def run_names() -> list[str]:
+    """Names of the runs the sidebar lists (cached like :func:`pick_run`), newest first."""
+    return [r.name for r in available_runs(str(runs.models_dir()))]
+
+
+# ---- overview & performance ----
+
+SEVERITY_BOXES = {"high": st.error, "medium": st.warning, "low": st.info, "info": st.info}
+SEVERITY_ICONS = {"high": "🛑", "medium": "⚠️", "low": "ℹ️", "info": "ℹ️"}
+
+
+def finding(severity: str, text: str) -> None:
+    """A finding styled by severity: high = error, medium = warning, low/info = info."""
+    box = SEVERITY_BOXES.get(severity, st.info)
+    box(f"**{severity.upper()}** · {text}", icon=SEVERITY_ICONS.get(severity, "ℹ️"))
+
+
+def checklist(checks: list[Any]) -> None:
+    """The status checklist (``core.overview.Check``): done items in green, missing ones with
+    the command that fixes them."""
+    for c in checks:
+        if c.ok:
+            st.success(f"**{c.what}**: {c.detail}", icon="✅")
+        else:
+            fix = f"  \nFix: `{c.command}`" if c.command else ""
+            st.info(f"**{c.what}**: {c.detail}{fix}", icon="❌")
+
+
+def metric_table(rows: list[dict[str, Any]], pct: tuple[str, ...] = (),
+                 transpose: bool = False) -> None:
+    """Rows whose values are report Metrics (``{value, ci95}``) or plain numbers, shown as
+    text with their intervals (``fmt_metric``); columns in ``pct`` as percentages. With
+    ``transpose`` the first column's values (e.g. the classes) become the columns, which
+    keeps a table of many figures narrow."""
+    def cell(col: str, v: Any) -> Any:
+        if v is None:
+            return "–"
+        return fmt_metric(v, pct=col in pct) if isinstance(v, (dict, float)) else v
+
+    text = [{k: cell(k, v) for k, v in r.items()} for r in rows]
+    if transpose and text:
+        first = next(iter(text[0]))
+        names = [str(r[first]) for r in text]
+        text = [{first: k, **{n: str(r[k]) for n, r in zip(names, text, strict=True)}}
+                for k in text[0] if k != first]
+    st.dataframe(text, hide_index=True)
+
+
+def load_run_named(name: str) -> runs.RunArtifacts | None:
+    """A run found under the models folder by its name (None when it is gone)."""
+    for info in available_runs(str(runs.models_dir())):
+        if info.name == name:
+            return _load_run(str(info.path), _stamp(info.path))
+    return None
+
+
+def chart(fig: Any, key: str) -> None:
+    """A Plotly figure as built by ``core.charts`` (its own template and font sizes, not the
+    Streamlit theme's smaller ones)."""
+    st.plotly_chart(fig, theme=None, key=key)

@@ -2,7 +2,10 @@
 
 Real-data tests use ``../shared/data/cxr-real`` (1,350 real X-rays, 3 classes) by path and
 are skipped, with the reason, where that folder is absent (users' machines). The real model
-is trained once per test session (``trained_run``) and reused by every real-data test.
+(``trained_run``, minutes) is trained only for the ``@pytest.mark.slow`` tests (learning on
+real data, OOD on real X-rays, int8 agreement on the real test split), which the default
+``python -m pytest`` deselects; tests that need a model but not a learned one use the
+seconds-fast ``small_run``.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ def tiny_dataset(tmp_path: Path) -> Path:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ResNet50 trained from scratch on the real set, once per session; returns best.pt.
 
-    Small for CI (64 px, 6 epochs, about a minute or two on 2 cores) yet honest: from random
-    weights it must learn the real images well above chance (see test_train_real). It is then
-    calibrated and evaluated (``core.evaluate.finalize_run``) like every run.
+    For ``@pytest.mark.slow`` tests only (``python -m pytest -m "slow or not slow"``).
+    Small for CI (64 px, 6 epochs, about four minutes on 2 cores with every finishing step)
+    yet honest: from random weights it must learn the real images well above chance (see
+    test_train_real). It is then calibrated and evaluated like every run.
     """
     data = require_real()
     from core.config import DataConfig, PreprocessConfig, RunConfig, TrainConfig

@@ -1,63 +1,109 @@
-"""core.compare: rows from reports and the documented rule that picks a lung view."""
+"""core.compare: rows from reports and the documented rule that picks a lung view.
+
+The reports are real ones: ``small_run``'s report as the template, with its metric sections
+computed by ``core.report.score_predictions`` from constructed predictions (exact
+accuracies), and every document validated against ``core/schemas/metrics.schema.json``.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from core import compare
+from core import compare, scoring
+from core import report as R
 from core.errors import DatasetError
 
-
-def metric(v: float | None) -> dict:
-    return {"value": v, "ci95": None if v is None else [v - 0.05, v + 0.05]}
+N = 200
 
 
-def write_report(run: Path, view: str, acc: float, peri: float, focus: float | None,
-                 ext_auc: float | None = None) -> Path:
-    doc = {
-        "n": 200, "run": {"lung_view": view},
-        "at_argmax": {"overall": {"accuracy": metric(acc), "macro_f1": metric(acc - 0.01)}},
-        "threshold_free": {"macro_roc_auc": metric(0.95)},
-        "shortcut": {"chance_accuracy": 0.34, "risk": "high" if peri > 0.5 else "low",
-                     "conditions": {"periphery": {"accuracy": metric(peri)},
-                                    "centre": {"accuracy": metric(0.6)}}},
-        "lung_focus": None if focus is None else {"overall": {"mean": focus}},
-        "external": None if ext_auc is None else {
-            "threshold_free": {"macro_roc_auc": metric(ext_auc)},
-            "drop": {"macro_roc_auc": {"drop": 0.95 - ext_auc}}},
-    }
+def _preds(classes: list[str], acc: float, periphery: float, seed: int) -> scoring.Predictions:
+    """N images whose argmax is right for exactly ``acc`` x N of them, with occlusion-probe
+    logits right for ``periphery`` x N (periphery only) and half (centre only)."""
+    rng = np.random.default_rng(seed)
+    k = len(classes)
+    y = np.arange(N) % k
+
+    def logits(share: float) -> np.ndarray:
+        right = np.zeros(N, bool)
+        right[rng.permutation(N)[: round(share * N)]] = True
+        pred = np.where(right, y, (y + 1) % k)
+        out = rng.normal(0, 0.3, (N, k))
+        out[np.arange(N), pred] += 2.0
+        return out
+
+    return scoring.Predictions([f"{classes[c]}/images/{i}.png" for i, c in enumerate(y)], y,
+                         logits(acc), list(classes),
+                         probe_logits={"periphery": logits(periphery), "centre": logits(0.5)})
+
+
+def write_report(template: dict, run: Path, view: str, acc: float, peri: float,
+                 focus: float | None, ext_acc: float | None = None, seed: int = 0) -> dict:
+    doc = copy.deepcopy(template)
+    classes = doc["run"]["classes"]
+    doc.update(R.score_predictions(_preds(classes, acc, peri, seed), n_resamples=200))
+    doc["run"]["lung_view"] = view
+    if focus is None:
+        doc["lung_focus"] = None
+    else:
+        doc["lung_focus"]["overall"]["mean"] = focus
+    doc["external"] = None
+    if ext_acc is not None:
+        ext = R.score_predictions(_preds(classes, ext_acc, 0.5, seed + 100), n_resamples=200)
+        ext.pop("shortcut", None)
+        doc["external"] = {"data_dir": "/external", "class_map": {c: c for c in classes},
+                           "overlap_with_manifest": 0, **ext, "drop": R.drop_block(doc, ext)}
+    R.validate_document(doc)  # what core.evaluate would write
     (run / "report").mkdir(parents=True)
-    path = run / "report" / "metrics.json"
-    path.write_text(json.dumps(doc))
-    return path
+    (run / "report" / "metrics.json").write_text(json.dumps(doc))
+    return doc
 
 
-def test_rule_keeps_accuracy_then_prefers_less_periphery_then_more_focus(tmp_path):
-    a = tmp_path / "none"
-    b = tmp_path / "crop"
-    c = tmp_path / "mask"
-    d = tmp_path / "worse"
-    write_report(a, "none", 0.88, 0.65, 1.2, ext_auc=0.61)
-    write_report(b, "crop", 0.87, 0.40, 1.7, ext_auc=0.79)  # within 2 points, less periphery
-    write_report(c, "mask", 0.865, 0.40, 1.5)  # same periphery, less focus
-    write_report(d, "mask", 0.80, 0.33, 1.9)  # best periphery, but loses accuracy
+@pytest.fixture(scope="module")
+def template(small_run: Path) -> dict:
+    return json.loads((small_run / "report" / "metrics.json").read_text())
+
+
+def test_rule_keeps_accuracy_then_prefers_less_periphery_then_more_focus(tmp_path, template):
+    a, b, c, d = (tmp_path / n for n in ("none", "crop", "mask", "worse"))
+    docs = {
+        "none": write_report(template, a, "none", 0.88, 0.65, 1.2, ext_acc=0.6),
+        "crop": write_report(template, b, "crop", 0.87, 0.40, 1.7, ext_acc=0.8),  # less periphery
+        "mask": write_report(template, c, "mask", 0.865, 0.40, 1.5),  # same periphery, less focus
+        "worse": write_report(template, d, "mask", 0.80, 0.33, 1.9),  # loses accuracy
+    }
     result = compare.compare([a, b / "report", c / "report" / "metrics.json", d])
     assert [r["run"] for r in result["rows"]] == ["none", "crop", "mask", "worse"]
+    rows = {r["run"]: r for r in result["rows"]}
+    for name, doc in docs.items():  # every figure is the report's
+        row = rows[name]
+        assert row["n"] == N
+        assert row["accuracy"] == doc["at_argmax"]["overall"]["accuracy"]["value"]
+        assert row["accuracy_ci95"] == doc["at_argmax"]["overall"]["accuracy"]["ci95"]
+        assert row["macro_roc_auc"] == doc["threshold_free"]["macro_roc_auc"]["value"]
+        peri = doc["shortcut"]["conditions"]["periphery"]["accuracy"]["value"]
+        assert row["periphery_only_accuracy"] == peri
+    assert [rows[n]["accuracy"] for n in docs] == [0.88, 0.87, 0.865, 0.8]
+    assert [rows[n]["periphery_only_accuracy"] for n in docs] == [0.65, 0.4, 0.4, 0.33]
     rec = result["recommendation"]
     assert rec["run"] == "crop" and rec["lung_view"] == "crop"
     assert rec["kept"] == ["none", "crop", "mask"]
-    rows = {r["run"]: r for r in result["rows"]}
-    assert rows["crop"]["external_auc_drop"] == pytest.approx(0.16)
+    ext = docs["crop"]["external"]
+    assert rows["crop"]["external_macro_roc_auc"] == ext["threshold_free"]["macro_roc_auc"]["value"]
+    assert rows["crop"]["external_auc_drop"] == pytest.approx(
+        docs["crop"]["threshold_free"]["macro_roc_auc"]["value"]
+        - ext["threshold_free"]["macro_roc_auc"]["value"], abs=1e-6)
     assert rows["mask"]["external_macro_roc_auc"] is None
-    table = compare.markdown(result)
-    assert "| crop | crop | 200 | 0.870 [0.820, 0.920]" in table and "0.790 (+0.160)" in table
+    lo, hi = rows["crop"]["accuracy_ci95"]
+    assert f"| crop | crop | {N} | 0.870 [{lo:.3f}, {hi:.3f}]" in compare.markdown(result)
 
 
-def test_cli_writes_json_and_reports_missing_runs(tmp_path, capsys):
-    write_report(tmp_path / "a", "none", 0.9, 0.6, None)
+def test_cli_writes_json_and_reports_missing_runs(tmp_path, capsys, template):
+    write_report(template, tmp_path / "a", "none", 0.9, 0.6, None)
     out = tmp_path / "cmp.json"
     assert compare.main([str(tmp_path / "a"), "--output", str(out)]) == 0
     assert json.loads(out.read_text())["recommendation"]["run"] == "a"

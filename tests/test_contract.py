@@ -15,9 +15,9 @@ import torch
 
 from core import lungs
 from core.config import AugmentConfig, DataConfig, PreprocessConfig, RunConfig, TrainConfig, to_dict
-from core.evaluate import evaluation_dataset
 from core.inference import Predictor
 from core.model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model
+from core.scoring import evaluation_dataset
 from core.train import Trainer
 
 PER_CLASS = 8

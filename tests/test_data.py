@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import shutil
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.config import DataConfig
 from core.data import build_manifest, discover, group_duplicates
 from core.errors import DatasetError
-from tests.conftest import make_dataset, write_png
+from tests.conftest import blob_image, make_dataset, write_png
 
 
 def test_discover_plain_layout(tmp_path):
@@ -91,12 +92,32 @@ def test_group_duplicates_unions_exact_and_near():
     assert groups[0] != groups[1]
 
 
-def test_real_set_near_duplicate_count_is_reported(real_dir, caplog):
-    caplog.set_level("INFO")
-    m = build_manifest(DataConfig(data_dir=str(real_dir)), progress=False)
-    sizes = Counter(r["dup_group"] for r in m.rows)
-    assert m.duplicate_groups == sum(1 for v in sizes.values() if v > 1)
-    assert f"{m.duplicate_groups} duplicate groups holding {m.duplicate_images} images" in caplog.text
+def test_real_x_rays_group_only_with_their_planted_copies(real_dir, tmp_path):
+    """Real X-rays (12 per class, copied to a temporary folder) plus planted copies of one of
+    them: a 16-bit version, a resized one and a JPEG. The copies join the original's group,
+    in one split, and no two different real X-rays are merged."""
+    root = tmp_path / "real"
+    originals = []
+    for cls in ("COVID", "Normal", "Viral Pneumonia"):
+        for src in sorted((real_dir / cls / "images").glob("*.png"))[:12]:
+            dst = root / cls / "images" / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+            originals.append(dst.relative_to(root).as_posix())
+    src = root / originals[0]
+    gray = np.asarray(Image.open(src).convert("L"))
+    planted = {"COVID/images/copy-16bit.png": gray.astype(np.uint16) * 257,
+               "COVID/images/copy-small.png": np.asarray(Image.fromarray(gray).resize((150, 150)))}
+    for rel, arr in planted.items():
+        write_png(root / rel, arr)
+    Image.fromarray(gray).save(root / "COVID" / "images" / "copy.jpg", quality=75)
+    m = build_manifest(DataConfig(data_dir=str(root)), progress=False)
+    by_path = {r["path"]: r for r in m.rows}
+    copies = [originals[0], *planted, "COVID/images/copy.jpg"]
+    assert len({by_path[p]["dup_group"] for p in copies}) == 1
+    assert len({by_path[p]["split"] for p in copies}) == 1
+    assert m.duplicate_groups == 1 and m.duplicate_images == len(copies)
+    assert len({by_path[p]["dup_group"] for p in originals}) == len(originals)
 
 
 def test_missing_root_is_a_clear_error(tmp_path):
@@ -145,3 +166,51 @@ def test_manifest_round_trip(tmp_path):
     for r in back.rows:
         per_split[r["split"]].add(r["path"])
     assert not (per_split["train"] & per_split["test"])
+
+
+def _hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def test_16bit_images_hash_as_the_8bit_image_the_model_sees(tmp_path):
+    """Distinct 16-bit X-rays get distinct perceptual hashes (Pillow's ``convert("L")``
+    clipped them all to white: identical hashes), and a 16-bit copy of an 8-bit image
+    (scaled by bit depth, x257) hashes like the 8-bit original and joins its group."""
+    from core.data import file_hashes
+
+    rng = np.random.default_rng(0)
+    eight = [blob_image(rng, k, 96) for k in range(3)]
+    paths8 = [write_png(tmp_path / f"img{k}.png", a) for k, a in enumerate(eight)]
+    paths16 = [write_png(tmp_path / f"img{k}-16.png", a.astype(np.uint16) * 257)
+               for k, a in enumerate(eight)]
+    assert Image.open(paths16[0]).mode.startswith("I")  # really stored as 16-bit
+    dist = DataConfig().near_dup_distance
+    h8 = [file_hashes(p)[1] for p in paths8]
+    h16 = [file_hashes(p)[1] for p in paths16]
+    for i in range(3):
+        assert h16[i] == h8[i]
+        for j in range(i + 1, 3):
+            assert _hamming(h16[i], h16[j]) > dist, (i, j)
+    groups = group_duplicates([file_hashes(p)[0] for p in paths8 + paths16], h8 + h16, dist)
+    assert groups[:3] == groups[3:] and len(set(groups)) == 3
+
+
+def test_an_image_unreadable_after_the_manifest_fails_with_its_name(tmp_path):
+    """A file that became unreadable after the split was written is an error naming it,
+    never a blank image that would be trained on or scored."""
+    from core.config import PreprocessConfig
+    from core.data import CXRDataset
+    from core.preprocess import build_transform
+
+    root = make_dataset(tmp_path / "ds", per_class=12)
+    m = build_manifest(DataConfig(data_dir=str(root)), progress=False)
+    rows = m.split("test")
+    ds = CXRDataset(root, rows, m.classes, build_transform(PreprocessConfig(img_size=32)))
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and y == m.classes.index(rows[0]["class"])
+    (root / rows[1]["path"]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DatasetError, match=f"{rows[1]['path']}.*Restore the file"):
+        ds[1]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    with pytest.raises(DatasetError, match=rows[1]["path"]):
+        list(loader)

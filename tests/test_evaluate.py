@@ -20,10 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
+from core import calibration as C
 from core import evaluate as E
-from core import gradcam
+from core import gradcam, metadata
+from core import report as R
+from core import scoring as S
 from core.config import DataConfig, PreprocessConfig, to_dict
-from core.data import CXRDataset, build_manifest
+from core.data import CXRDataset, build_manifest, run_split_rows
 from core.errors import CheckpointError, ConfigError, DatasetError
 from core.model import (
     CHECKPOINT_FORMAT,
@@ -31,12 +34,14 @@ from core.model import (
     build_model,
     load_checkpoint,
     model_from_checkpoint,
+    preprocess_config_of,
     save_checkpoint,
 )
 from core.preprocess import build_transform
+from core.sidecars import load_run_checkpoint
 from tests.conftest import make_dataset, require_real
 
-SCHEMA = json.loads(E.SCHEMA_PATH.read_text())
+SCHEMA = json.loads(R.SCHEMA_PATH.read_text())
 
 
 @dataclass(frozen=True)
@@ -164,9 +169,11 @@ def test_real_checkpoint_report(small_run: SmallRun, tmp_path: Path) -> None:
 
 def test_real_finalize_run(small_run: SmallRun, tmp_path: Path) -> None:
     run = copy_run(small_run, tmp_path / "run")
+    before = sha256(run.checkpoint)
     path = E.finalize_run(run.run_dir, str(run.data_dir), progress=False)
     assert path == run.run_dir / "report" / "metrics.json"
-    ckpt = load_checkpoint(run.checkpoint)
+    assert sha256(run.checkpoint) == before  # the finish writes sidecars, not best.pt
+    ckpt = load_run_checkpoint(run.checkpoint)
     assert isinstance(ckpt["temperature"], float) and ckpt["temperature"] > 0
     op = ckpt["operating_point"]
     assert set(op) == {"class", "threshold", "target_sensitivity", "achieved_val_sensitivity"}
@@ -175,7 +182,7 @@ def test_real_finalize_run(small_run: SmallRun, tmp_path: Path) -> None:
     jsonschema.validate(doc, SCHEMA)
     assert doc["calibration"]["fitted"] and doc["at_operating_point"] is not None
     assert doc["operating_point"]["threshold"] == pytest.approx(op["threshold"])
-    assert doc["run"]["checkpoint_sha256"] == sha256(run.checkpoint)  # report made after calibration
+    assert doc["run"]["checkpoint_sha256"] == sha256(run.checkpoint) == before
 
 
 # ---------------------------------------------------------------- synthetic runs (always run)
@@ -184,8 +191,8 @@ def test_real_finalize_run(small_run: SmallRun, tmp_path: Path) -> None:
 def test_finalize_and_operating_point_on_validation(synthetic_run: SmallRun, tmp_path: Path) -> None:
     run = copy_run(synthetic_run, tmp_path / "run")
     E.finalize_run(run.run_dir, str(run.data_dir), progress=False)
-    ckpt = load_checkpoint(run.checkpoint)
-    val = E.predict_split(run.checkpoint, run.data_dir, "val", progress=False)
+    ckpt = load_run_checkpoint(run.checkpoint)
+    val = S.predict_split(run.checkpoint, run.data_dir, "val", progress=False)
     op = ckpt["operating_point"]
     j = val.classes.index(op["class"])
     p = val.proba(ckpt["temperature"])[:, j]
@@ -227,7 +234,9 @@ def test_cli_with_external_set_and_calibrate(synthetic_run: SmallRun, tmp_path: 
     assert covid["prevalence"] == 0.05 and "ppv_at_prevalence" in covid
     assert "ppv_at_prevalence" not in doc["at_argmax"]["per_class"]["Normal"]
     assert doc["calibration"]["source"] == "refit"
-    assert "temperature" in load_checkpoint(run.checkpoint)  # --calibrate stored it
+    assert "temperature" not in load_checkpoint(run.checkpoint)  # best.pt is not modified
+    assert load_run_checkpoint(run.checkpoint)["temperature"] == doc["calibration"]["temperature"]
+    assert load_run_checkpoint(run.checkpoint)["ood"] is not None  # refitted after calibration
     assert (out / "predictions_external.csv").is_file() and doc["shortcut"] is None
 
 
@@ -252,8 +261,8 @@ def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_pa
     assert lf["mask_source"] == {"dataset": doc["n"], "segmenter": 0} and lf["n_unscored"] == 0
 
     ckpt = load_checkpoint(run.checkpoint)
-    rows, _ = E.load_split_rows(run.run_dir, data, "test", ckpt)
-    ds = E.evaluation_dataset(data, rows, ckpt["classes"], E.preprocess_config_of(ckpt))
+    rows = run_split_rows(run.run_dir, data, ckpt, ("test",))[0]["test"]
+    ds = S.evaluation_dataset(data, rows, ckpt["classes"], preprocess_config_of(ckpt))
     model = model_from_checkpoint(ckpt).eval()
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     heat = gradcam.explain(model, x, "gradcam")  # predicted class, model-input resolution
@@ -268,11 +277,11 @@ def test_lung_focus_per_class_from_dataset_masks(synthetic_run: SmallRun, tmp_pa
 def test_low_lung_focus_becomes_a_finding() -> None:
     doc = {"calibration": {"fitted": True}, "operating_point": None, "run": {"warnings": []},
            "lung_focus": {"overall": {"n": 50, "mean": 0.8}}}
-    found = [f for f in E.findings(doc) if f["id"] == "low-lung-focus"]
+    found = [f for f in R.findings(doc) if f["id"] == "low-lung-focus"]
     assert len(found) == 1 and "mostly outside the lungs" in found[0]["text"]
     assert found[0]["severity"] == "medium"
     doc["lung_focus"]["overall"]["mean"] = 1.3
-    assert not any("outside the lungs" in f["text"] for f in E.findings(doc))
+    assert not any("outside the lungs" in f["text"] for f in R.findings(doc))
 
 
 def test_cli_errors_are_reported_not_raised(synthetic_run: SmallRun, tmp_path: Path,
@@ -309,22 +318,22 @@ def test_help_lists_argument_groups(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_occlusion_boxes() -> None:
     x = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).reshape(2, 3, 10, 10)
-    rows, cols = E.central_box(10, 10)
+    rows, cols = S.central_box(10, 10)
     assert (rows, cols) == (slice(1, 8), slice(1, 8))
     mean = x.mean(dim=(-2, -1), keepdim=True)
-    peri = E.occlude(x, "periphery")
-    centre = E.occlude(x, "centre")
+    peri = S.occlude(x, "periphery")
+    centre = S.occlude(x, "centre")
     assert torch.equal(peri[..., 0, :], x[..., 0, :])  # periphery kept
     assert torch.allclose(peri[..., rows, cols], mean.expand_as(x)[..., rows, cols])
     assert torch.equal(centre[..., rows, cols], x[..., rows, cols])  # centre kept
     assert torch.allclose(centre[..., 0, :], mean.expand_as(x)[..., 0, :])
-    assert torch.equal(E.occlude(x, "centre") + 0, centre) and x[0, 0, 0, 0] == 0  # input intact
+    assert torch.equal(S.occlude(x, "centre") + 0, centre) and x[0, 0, 0, 0] == 0  # input intact
     with pytest.raises(ValueError):
-        E.occlude(x, "lungs")
+        S.occlude(x, "lungs")
 
 
-def _preds(y: np.ndarray, logits: np.ndarray, probes: dict | None = None) -> E.Predictions:
-    return E.Predictions([f"{i}.png" for i in range(len(y))], y, logits,
+def _preds(y: np.ndarray, logits: np.ndarray, probes: dict | None = None) -> S.Predictions:
+    return S.Predictions([f"{i}.png" for i in range(len(y))], y, logits,
                          ["COVID", "Normal", "Viral Pneumonia"], probes or {})
 
 
@@ -333,13 +342,13 @@ def test_shortcut_verdict_flags_a_periphery_reader() -> None:
     y = np.repeat([0, 1, 2], 100)
     good = 4.0 * np.eye(3)[y] + rng.normal(size=(300, 3))
     noise = rng.normal(size=(300, 3))
-    shortcut = E.score_predictions(_preds(y, good, {"periphery": good, "centre": noise}),
+    shortcut = R.score_predictions(_preds(y, good, {"periphery": good, "centre": noise}),
                                    n_resamples=200)["shortcut"]
     assert shortcut["risk"] == "high" and "SHORTCUT LIKELY" in shortcut["verdict"]
-    honest = E.score_predictions(_preds(y, good, {"periphery": noise, "centre": good}),
+    honest = R.score_predictions(_preds(y, good, {"periphery": noise, "centre": good}),
                                  n_resamples=200)["shortcut"]
     assert honest["risk"] == "low"
-    clueless = E.score_predictions(_preds(y, noise, {"periphery": noise, "centre": noise}),
+    clueless = R.score_predictions(_preds(y, noise, {"periphery": noise, "centre": noise}),
                                    n_resamples=200)["shortcut"]
     assert clueless["risk"] == "inconclusive"
 
@@ -348,13 +357,13 @@ def test_fit_calibration_reaches_target_and_cools_overconfidence() -> None:
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 600)
     logits = 5.0 * (1.5 * np.eye(3)[y] + rng.normal(size=(600, 3)))  # over-confident
-    t, op = E.fit_calibration(_preds(y, logits), "covid", 0.9)
+    t, op = C.fit_calibration(_preds(y, logits), "covid", 0.9)
     assert t > 2.0
     assert op["class"] == "COVID" and op["achieved_val_sensitivity"] >= 0.9
     with pytest.raises(ConfigError):
-        E.fit_calibration(_preds(y, logits), "Cat")
+        C.fit_calibration(_preds(y, logits), "Cat")
     no_covid = _preds(np.ones(10, int), rng.normal(size=(10, 3)))
-    assert E.fit_calibration(no_covid)[1] is None
+    assert C.fit_calibration(no_covid)[1] is None
 
 
 def test_parsers() -> None:
@@ -384,18 +393,18 @@ def test_source_report_from_metadata_xlsx(tmp_path: Path) -> None:
                   "URL": ["https://rsna.org"] * 2}).to_excel(root / "Normal.metadata.xlsx",
                                                              index=False)
     y = np.array([0, 0, 1])
-    preds = E.Predictions(["COVID/images/COVID-1.png", "COVID/images/COVID-3.png",
+    preds = S.Predictions(["COVID/images/COVID-1.png", "COVID/images/COVID-3.png",
                            "Normal/images/Normal-2.png"], y, np.eye(2)[[0, 1, 1]],
                           ["COVID", "Normal"])
-    rep = E.source_report(root, ["COVID", "Normal"], preds)
+    rep = metadata.source_report(root, ["COVID", "Normal"], preds)
     assert rep["available"] and rep["confounded"]
     assert rep["per_class"]["COVID"]["sources"] == [{"source": "https://a.org", "count": 2},
                                                     {"source": "https://b.org", "count": 1}]
     by = {r["source"]: r for r in rep["evaluated_by_source"]}
     assert by["https://a.org"]["accuracy"] == 1.0 and by["https://b.org"]["accuracy"] == 0.0
-    assert not E.source_report(tmp_path, ["COVID"])["available"]
+    assert not metadata.source_report(tmp_path, ["COVID"])["available"]
     (root / "Broken.metadata.xlsx").write_text("not a spreadsheet")
-    broken = E.source_report(root, ["Broken"])
+    broken = metadata.source_report(root, ["Broken"])
     assert not broken["available"] and "cannot read" in broken["reason"]
 
 
@@ -414,7 +423,7 @@ def test_records_agree_with_the_report_and_the_predictor(synthetic_run: SmallRun
     E.finalize_run(run.run_dir, str(run.data_dir), progress=False)
     doc = json.loads((run.run_dir / "report" / "metrics.json").read_text())
     rec = pd.read_csv(run.run_dir / "report" / "predictions.csv")
-    ckpt = load_checkpoint(run.checkpoint)
+    ckpt = load_run_checkpoint(run.checkpoint)
     classes = doc["run"]["classes"]
     assert len(rec) == doc["n"]
     assert (rec["correct"] == (rec["predicted_class"] == rec["true_class"])).all()
@@ -428,7 +437,7 @@ def test_records_agree_with_the_report_and_the_predictor(synthetic_run: SmallRun
     assert cm.to_numpy().tolist() == doc["at_argmax"]["confusion_matrix"]["counts"]
 
     # the probe's predictions give the report's probe accuracies
-    for probe in E.PROBES:
+    for probe in S.PROBES:
         acc = (rec[f"{probe}_pred"] == rec["true_class"]).mean()
         assert acc == pytest.approx(doc["shortcut"]["conditions"][probe]["accuracy"]["value"],
                                     abs=1e-6)  # the report keeps 6 decimals
@@ -478,7 +487,7 @@ def test_findings_ids_and_severities() -> None:
             "sources": {"confounded": True},
             "external": {"n": 40, "overlap_with_manifest": 0, "drop": {"macro_roc_auc": {
                 "internal": 0.95, "external": 0.80, "drop": 0.15}}}}
-    got = {f["id"]: f for f in E.findings(base)}
+    got = {f["id"]: f for f in R.findings(base)}
     assert list(got) == ["shortcut-risk", "external-drop", "confounded-sources", "uncalibrated",
                          "no-operating-point", "run-warning-1"]
     assert {k: f["severity"] for k, f in got.items()} == {
@@ -488,7 +497,7 @@ def test_findings_ids_and_severities() -> None:
     assert got["run-warning-1"]["text"] == "manifest differs"
     base["shortcut"] = {"risk": "inconclusive", "verdict": "not above chance"}
     base["external"]["drop"]["macro_roc_auc"]["drop"] = -0.01
-    got = {f["id"]: f["severity"] for f in E.findings(base)}
+    got = {f["id"]: f["severity"] for f in R.findings(base)}
     assert got["near-chance"] == "high" and got["external-drop"] == "info"
-    for f in E.findings(base):
+    for f in R.findings(base):
         jsonschema.validate([f], SCHEMA["properties"]["findings"])

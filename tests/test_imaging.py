@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import struct
@@ -121,22 +120,31 @@ def refuse(data: object, *fragments: str, **kwargs: object) -> InvalidImageError
 # ------------------------------------------------------------------------ public API
 
 
-def test_accepted_extensions() -> None:
-    assert accepted_extensions() == ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm"]
-    assert accepted_extensions() is not accepted_extensions()  # callers may mutate theirs
+_FORMAT_OF = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF",
+              "tiff": "TIFF"}
 
 
-def test_limits_are_module_constants() -> None:
-    assert imaging.MAX_FILE_BYTES == 50 * 1024 * 1024
-    assert imaging.MAX_PIXELS == 50_000_000
-    assert imaging.MIN_SIDE == 64
+@pytest.mark.parametrize("ext", accepted_extensions())
+def test_every_accepted_extension_decodes_a_file_of_that_type(ext: str, tmp_path: Path) -> None:
+    """What the upload widget and the CLI accept, decode() reads (as a named file on disk);
+    and callers get their own copy of the list."""
+    if ext == "dcm":
+        data = make_dicom(gradient(64, 80, np.uint16), WindowCenter=32768, WindowWidth=65536)
+    else:
+        data = encode(Image.fromarray(gradient()), _FORMAT_OF[ext])
+    path = tmp_path / f"scan.{ext}"
+    path.write_bytes(data)
+    out = decode(path, name=path.name)
+    assert out.gray.shape == (64, 80) and out.format == ("DICOM" if ext == "dcm" else _FORMAT_OF[ext])
+    mine = accepted_extensions()
+    mine.append("exe")
+    assert "exe" not in accepted_extensions()
 
 
-def test_decoded_image_is_frozen() -> None:
-    out = decode(encode(Image.fromarray(gradient()), "PNG"))
-    assert isinstance(out, DecodedImage)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        out.format = "JPEG"  # type: ignore[misc]
+def test_smallest_accepted_side_is_min_side() -> None:
+    side = imaging.MIN_SIDE
+    assert decode(encode(Image.fromarray(gradient(side, 200)), "PNG")).gray.shape == (side, 200)
+    refuse(encode(Image.fromarray(gradient(side - 1, 200)), "PNG"), "too small")
 
 
 def test_pillow_guards_stay_on() -> None:
@@ -458,3 +466,13 @@ def test_patient_data_never_logged_or_in_errors(caplog: pytest.LogCaptureFixture
         assert secret not in caplog.text
         for text in texts:
             assert secret not in text
+
+
+def test_intake_imports_neither_torch_nor_the_lung_segmenter() -> None:
+    """Upload intake uses the contract's decode (core.pixels) without loading torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, core.imaging; sys.exit(sum(m in sys.modules for m in ('torch', 'core.lungs')))"
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

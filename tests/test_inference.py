@@ -219,18 +219,20 @@ def test_ood_flag_and_score_follow_the_stored_statistics(predictor):
     assert p1.ood_score == pytest.approx(ood.ood_score(single, feats["layer4"][:1])[0], rel=1e-3)
 
 
-def test_calibrate_run_ood_stores_cut_offs_in_the_checkpoint(tiny_dataset, tmp_path):
+def test_calibrate_run_ood_stores_cut_offs_beside_the_checkpoint(tiny_dataset, tmp_path):
     from core.config import DataConfig
     from core.data import build_manifest
-    from core.model import load_checkpoint
+    from core.sidecars import load_run_checkpoint
 
     run = tmp_path / "run"
     build_manifest(DataConfig(data_dir=str(tiny_dataset)), progress=False).save(run / "manifest.csv")
     ckpt = make_ckpt(temperature=1.5)
     ckpt["classes"] = ["A", "B", "C"]
     save_checkpoint(ckpt, run / "best.pt")
+    before = (run / "best.pt").read_bytes()
     out = ood.calibrate_run_ood(run, tiny_dataset, device="cpu", progress=False, dim=8)
-    back = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert (run / "best.pt").read_bytes() == before  # the statistics go beside it
+    back = load_run_checkpoint(run / "best.pt")
     assert back["temperature"] == 1.5 and back["ood"]["layer_names"] == list(ood.LAYERS)
     assert back["ood"]["threshold"] == out["ood"]["threshold"]
     assert back["low_confidence"]["temperature"] == 1.5 and back["low_confidence"]["calibrated"]
@@ -239,7 +241,7 @@ def test_calibrate_run_ood_stores_cut_offs_in_the_checkpoint(tiny_dataset, tmp_p
     assert p.ood_available and p.low_confidence_available
     assert not any("unavailable" in n or "not calibrated" in n for n in p.notes)
     assert math.isfinite(p.ood_score)
-    assert load_checkpoint(run / "best.pt")["ood"]["val_pass_rate"] >= 0.5
+    assert back["ood"]["val_pass_rate"] >= 0.5
 
 
 def test_fit_ood_passes_95_percent_of_validation_and_flags_far_points():
@@ -445,12 +447,12 @@ def non_xray_images() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def ood_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """best.pt of the session's real run with OOD statistics (a copy, unless already there)."""
-    from core.model import load_checkpoint
+    from core.sidecars import load_run_checkpoint
 
-    if "ood" in load_checkpoint(trained_run):
+    if load_run_checkpoint(trained_run).get("ood") is not None:
         return trained_run
     run = tmp_path_factory.mktemp("ood_run")
-    for name in ("best.pt", "manifest.csv"):
+    for name in ("best.pt", "manifest.csv", "best.calibration.json"):
         shutil.copy2(trained_run.parent / name, run / name)
     from tests.conftest import REAL_DIR
 
@@ -461,9 +463,9 @@ def ood_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.mark.slow
 def test_real_ood_false_alarms_on_test_x_rays_and_detects_non_x_rays(ood_run: Path, real_dir: Path):
     from core.data import load_manifest
-    from core.model import load_checkpoint
+    from core.sidecars import load_run_checkpoint
 
-    ckpt = load_checkpoint(ood_run)
+    ckpt = load_run_checkpoint(ood_run)
     assert ckpt["ood"]["val_pass_rate"] >= 0.94 and 0.0 < ckpt["low_confidence"]["threshold"] < 1
     predictor = Predictor.from_checkpoint(ood_run, device="cpu")
     rows = load_manifest(ood_run.parent / "manifest.csv", real_dir).split("test")

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from core import lungs
+from core import lungs, lungs_train
 from core.config import PreprocessConfig
 from core.errors import CheckpointError
+from core.pixels import load_gray
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CXR_LUNG_MASKS_DIR") or ROOT.parent / "shared" / "data" / "lung-masks")
@@ -87,25 +88,27 @@ def _rect_mask(shape: tuple[int, int], top: int, left: int, bottom: int, right: 
 
 
 def test_shipped_weights_file() -> None:
+    """The shipped file loads with weights_only into the segmenter, and its held-out list
+    is the one beside it."""
     path = lungs.DEFAULT_SEGMENTER_PATH
-    assert path.is_file()
     assert path.stat().st_size < 10 * 1024 * 1024
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["format"] == lungs.SEGMENTER_FORMAT and ckpt["arch"] == lungs.ARCH_NAME
-    for key in ("state_dict", "img_size", "preprocess", "holdout_dice", "holdout_iou", "date"):
-        assert key in ckpt, key
-    assert ckpt["holdout_dice"] >= 0.95
-    held = lungs.read_holdout(HOLDOUT)
+    seg = lungs.LungSegmenter.load(path)
+    assert seg.img_size == ckpt["img_size"] and seg.preprocess == ckpt["preprocess"]
+    held = lungs_train.read_holdout(HOLDOUT)
     assert len(held) == ckpt["holdout"]["n"] and len(set(held)) == len(held)
 
 
 @needs_data
 def test_shipped_segmenter_heldout_dice(shipped: lungs.LungSegmenter) -> None:
-    held = lungs.read_holdout(HOLDOUT)
+    """Measured now on the held-out masks: Dice >= 0.95, and equal to the figure the
+    weights file (and assets/lung_segmenter.md) states."""
+    held = lungs_train.read_holdout(HOLDOUT)
     assert len(held) >= 50
-    metrics = lungs.evaluate_dir(shipped, DATA, held, progress=False)
+    metrics = lungs_train.evaluate_dir(shipped, DATA, held, progress=False)
     assert metrics["dice"] >= 0.95, metrics
     assert metrics["iou"] >= 0.90, metrics
+    assert metrics["dice"] == pytest.approx(shipped.meta["holdout_dice"], abs=2e-3)
 
 
 def test_default_segmenter_is_cached(shipped: lungs.LungSegmenter) -> None:
@@ -147,14 +150,14 @@ def test_mask_has_input_resolution(tiny: lungs.LungSegmenter, shape, dtype) -> N
 
 @needs_data
 def test_shipped_segmenter_on_large_non_square_image(shipped: lungs.LungSegmenter) -> None:
-    name = lungs.read_holdout(HOLDOUT)[0]
-    gray = lungs.load_gray(DATA / "images" / name)
+    name = lungs_train.read_holdout(HOLDOUT)[0]
+    gray = load_gray(DATA / "images" / name)
     target = lungs.load_mask(DATA / "masks" / name)
     big = cv2.resize(gray, (1100, 1400), interpolation=cv2.INTER_LINEAR)  # W x H
     big_target = cv2.resize(target.astype(np.uint8), (1100, 1400), interpolation=cv2.INTER_NEAREST)
     mask = shipped.segment(big)
     assert mask.shape == (1400, 1100) and mask.dtype == bool
-    assert lungs.dice_iou(mask, big_target)[0] > 0.85
+    assert lungs_train.dice_iou(mask, big_target)[0] > 0.85
 
 
 def test_keep_two_largest_components() -> None:
@@ -173,9 +176,9 @@ def test_keep_two_largest_components() -> None:
 def test_dice_iou() -> None:
     a = _rect_mask((10, 10), 0, 0, 10, 5)
     b = _rect_mask((10, 10), 0, 0, 10, 10)
-    d, j = lungs.dice_iou(a, b)
+    d, j = lungs_train.dice_iou(a, b)
     assert d == pytest.approx(2 * 50 / 150) and j == pytest.approx(0.5)
-    assert lungs.dice_iou(np.zeros((4, 4)), np.zeros((4, 4))) == (1.0, 1.0)
+    assert lungs_train.dice_iou(np.zeros((4, 4)), np.zeros((4, 4))) == (1.0, 1.0)
 
 
 # ------------------------------------------------------------------------ (3) lung focus
@@ -301,8 +304,8 @@ def test_shipped_segmenter_falls_back_on_blank_image(shipped: lungs.LungSegmente
 def test_prepare_with_lung_view_uses_the_shipped_segmenter() -> None:
     from core.preprocess import prepare
 
-    name = lungs.read_holdout(HOLDOUT)[1]
-    gray = lungs.load_gray(DATA / "images" / name)
+    name = lungs_train.read_holdout(HOLDOUT)[1]
+    gray = load_gray(DATA / "images" / name)
     cfg = PreprocessConfig(img_size=64, lung_view="crop",
                            segmenter_sha256=lungs.file_sha256(lungs.DEFAULT_SEGMENTER_PATH))
     view = lungs.apply_lung_view(gray, cfg)
@@ -351,3 +354,47 @@ def test_file_sha256(tmp_path: Path) -> None:
     p = tmp_path / "x.bin"
     p.write_bytes(b"abc")
     assert lungs.file_sha256(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# ------------------------------------------------------------------- module boundaries
+
+
+def test_the_runtime_does_not_import_preprocess_or_training() -> None:
+    """core.lungs (runtime) depends on core.pixels, not on core.preprocess (which applies the
+    lung view) nor on core.lungs_train: the dependencies run one way."""
+    import subprocess
+    import sys
+
+    code = ("import sys, core.lungs; bad = [m for m in ('core.preprocess', 'core.lungs_train') "
+            "if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_trains_a_segmenter_that_the_runtime_loads(tmp_path: Path) -> None:
+    """``python -m core.lungs train`` (forwarded to core.lungs_train) on 12 synthetic pairs,
+    1 epoch at 32 px: the weights file loads, and the held-out list is written beside it."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        mask = np.zeros((48, 40), np.uint8)
+        mask[8 + i % 4: 40, 4:18] = 255
+        mask[8:40, 22:36] = 255
+        img = np.clip(rng.normal(90, 20, mask.shape) + (mask > 0) * 80, 0, 255).astype(np.uint8)
+        for sub, arr in (("images", img), ("masks", mask)):
+            (tmp_path / "data" / sub).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(tmp_path / "data" / sub / f"p{i:02d}.png"), arr)
+    out = tmp_path / "seg.pt"
+    res = subprocess.run(
+        [sys.executable, "-m", "core.lungs", "train", "--data-dir", str(tmp_path / "data"),
+         "--output", str(out), "--img-size", "32", "--depth", "3", "--base", "4",
+         "--epochs", "1", "--batch-size", "4", "--threads", "1", "--eval-every", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    seg = lungs.LungSegmenter.load(out)
+    held = lungs_train.read_holdout(tmp_path / "seg_holdout.txt")
+    assert held == ["p00.png", "p10.png"]  # every 10th sorted file
+    assert seg.img_size == 32 and seg.meta["holdout"]["n"] == 2
+    assert seg.segment(np.zeros((48, 40), np.float32)).shape == (48, 40)

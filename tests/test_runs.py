@@ -40,13 +40,13 @@ def copy_run(run: Path, dest: Path) -> Path:
 
 
 def test_run_json_describes_the_final_checkpoint(small_run: Path) -> None:
-    from core.model import load_checkpoint
+    from core.sidecars import load_run_checkpoint
 
-    ckpt = load_checkpoint(small_run / "best.pt")
+    ckpt = load_run_checkpoint(small_run / "best.pt")
     summary = json.loads((small_run / "run.json").read_text())
     assert summary["weights_sha256"] == sha256(small_run / "best.pt")
     report = json.loads((small_run / "report" / "metrics.json").read_text())
-    # the report is written last among the checkpoint's rewrites: it names the final weights
+    # best.pt is never rewritten after training: the report names the weights on disk
     assert report["run"]["checkpoint_sha256"] == summary["weights_sha256"]
     assert summary["classes"] == list(ckpt["classes"])
     assert summary["epoch"] == ckpt["epoch"] and summary["created"] == ckpt["created"]
@@ -88,7 +88,7 @@ def test_summarise_cli_rewrites_the_same_run_json(small_run: Path, tmp_path: Pat
 def test_cli_help() -> None:
     out = subprocess.run([sys.executable, "-m", "core.runs", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    assert "summarise" in out and "dataset" in out
+    assert "summarise" in out and "dataset" in out and "migrate" in out
     out = subprocess.run([sys.executable, "-m", "core.runs", "summarise", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "run_dir" in out
@@ -187,11 +187,11 @@ def test_findings_are_records_sorted_most_severe_first(small_run: Path, tmp_path
 
 
 def test_records_of_a_full_fit(small_run: Path) -> None:
-    from core.model import load_checkpoint
+    from core.sidecars import load_run_checkpoint
 
     run = runs.load_run(small_run)
     rec = run.predictions
-    ckpt = load_checkpoint(small_run / "best.pt")
+    ckpt = load_run_checkpoint(small_run / "best.pt")
     for col in ("path", "true_class", "predicted_class", "predicted_class_at_operating_point",
                 *[f"prob_{c}" for c in run.classes], "correct", "periphery_pred",
                 "centre_pred", "lung_focus", "ood_score", "ood", "low_confidence"):
@@ -239,7 +239,7 @@ def test_dataset_summary_duplicates_skips_depths_and_sources(tmp_path: Path) -> 
                   "URL": ["https://a.example"] * 5 + ["https://b.example"] * 3}).to_excel(
         root / "COVID.metadata.xlsx", index=False)
 
-    from core.evaluate import source_report
+    from core.metadata import source_report
 
     manifest = D.build_manifest(DataConfig(data_dir=str(root), near_dup_distance=0),
                                 progress=False)
