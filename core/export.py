@@ -388,7 +388,9 @@ def check_reduced_precisions(run_dir: str | Path, data_dir: str | Path, *,
     classes = list(ckpt["classes"])
     t0 = time.perf_counter()
     ensure_graph(best, ckpt)
-    splits = run_split_rows(run_dir, data_dir, classes, ("train", "val"))
+    splits, warnings_ = run_split_rows(run_dir, data_dir, ckpt, ("train", "val"))
+    for w in warnings_:
+        log.warning("%s", w)
     val = [x for x, *_ in _loader(data_dir, _sample(splits["val"], agreement_images, seed), classes, ckpt)]
     model = model_from_checkpoint(ckpt)
     reference = run_all(net.TorchNetwork(model, torch.device("cpu"), None), val)

@@ -51,8 +51,11 @@ def test_a_full_fit_leaves_best_pt_as_trained_and_every_hash_names_it(small_run:
 
     with safe_open(str(small_run / "best.ood.safetensors"), "pt") as fh:
         assert fh.metadata()["weights_sha256"] == sha
-    if summary["int8_stored"]:
-        assert torch.load(small_run / "best.int8.pt", weights_only=True)["weights_sha256"] == sha
+    # the serving graph and its precision check name the same weights
+    from core import export
+
+    assert export.is_current(small_run / "best.onnx", sha)
+    assert json.loads((small_run / "serving.json").read_text())["weights_sha256"] == sha
     # what the finish fitted is what a loader gets back
     ckpt = sidecars.load_run_checkpoint(best)
     assert ckpt["temperature"] == pytest.approx(summary["temperature"]) == cal["temperature"]
