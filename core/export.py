@@ -161,11 +161,22 @@ def ensure_graph(checkpoint: str | Path, ckpt: dict[str, Any] | None = None,
 # ---------------------------------------------------------------- loading
 
 
+def _fitted_hashes(checkpoint: Path) -> dict[str, str]:
+    """SHA-256 of the calibration and OOD sidecars the check's decisions and flags used."""
+    from core import sidecars
+
+    return {p.name: file_sha256(p) for p in sidecars.sidecar_files(checkpoint)
+            if not p.name.endswith(".int8.pt")}
+
+
 def _serving_checks(checkpoint: Path, sha: str) -> dict[str, Any]:
+    """The checks of ``serving.json`` when they were made on these weights and with the
+    calibration and OOD sidecars now beside them (a refit operating point voids them)."""
     path = checkpoint.parent / SERVING_FILE
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(path.read_text())
-        if data.get("weights_sha256") == sha:
+        if (data.get("weights_sha256") == sha
+                and data.get("sidecars_sha256", {}) == _fitted_hashes(checkpoint)):
             return dict(data.get("checks", {}))
     return {}
 
@@ -411,7 +422,8 @@ def check_reduced_precisions(run_dir: str | Path, data_dir: str | Path, *,
                 reference, run_all(net.RuntimeNetwork(graph, widths, runtime, prec), val), ckpt)
         except (RuntimeError, ConfigError) as exc:  # the runtime refused the graph
             checks[f"{runtime}-{prec}"] = {"passed": False, "error": str(exc)[:300]}
-    summary = {"weights_sha256": file_sha256(best), "export_version": EXPORT_VERSION,
+    summary = {"weights_sha256": file_sha256(best), "sidecars_sha256": _fitted_hashes(best),
+               "export_version": EXPORT_VERSION,
                "split": "val", "cpu_native_bf16": cpu_has_native_bf16(),
                "criteria": {"min_top1_agreement": MIN_TOP1_AGREEMENT,
                             "max_decision_changes": MAX_DECISION_CHANGES,

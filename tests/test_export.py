@@ -135,7 +135,8 @@ def test_auto_precision_follows_the_check_for_these_weights(small_run, tmp_path)
     checked on other weights does not."""
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("best.pt", "best.onnx", "manifest.csv", "config.json"):
+    for name in ("best.pt", "best.onnx", "best.calibration.json", "best.ood.safetensors",
+                 "manifest.csv", "config.json"):
         shutil.copy2(small_run / name, run / name)  # best.onnx: exported by training's finish
     data_dir = json.loads((run / "config.json").read_text())["data"]["data_dir"]
     summary = export.check_reduced_precisions(run, data_dir, calibration_images=32)
@@ -152,6 +153,13 @@ def test_auto_precision_follows_the_check_for_these_weights(small_run, tmp_path)
     forced["checks"]["onnx-int8"]["passed"] = True
     (run / export.SERVING_FILE).write_text(json.dumps(forced))
     assert Predictor.from_checkpoint(best, device="cpu", runtime="onnx").network == "onnx-int8"
+    cal = run / "best.calibration.json"
+    original = cal.read_text()
+    doc = json.loads(original)
+    doc["operating_point"]["threshold"] = 0.5  # refit meanwhile: the check no longer holds
+    cal.write_text(json.dumps(doc))
+    assert Predictor.from_checkpoint(best, device="cpu", runtime="onnx").network == "onnx-fp32"
+    cal.write_text(original)
     forced["weights_sha256"] = "0" * 64  # checked on other weights: fp32
     (run / export.SERVING_FILE).write_text(json.dumps(forced))
     assert Predictor.from_checkpoint(best, device="cpu", runtime="onnx").network == "onnx-fp32"
