@@ -118,7 +118,7 @@ def test_an_older_run_with_calibration_inside_best_pt_loads_and_migrates(small_r
     save_checkpoint(fitted, run / "best.pt")  # how runs were stored before the sidecars
     for f in sidecars.sidecar_files(run / "best.pt"):
         f.unlink()
-    old = Predictor.from_checkpoint(run / "best.pt", device="cpu", backend="jit")
+    old = Predictor.from_checkpoint(run / "best.pt", device="cpu", runtime="torch")
     assert old.temperature == pytest.approx(fitted["temperature"])
     assert old.operating_point == fitted["operating_point"]
     assert old.ood_threshold == pytest.approx(fitted["ood"]["threshold"])
