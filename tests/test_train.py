@@ -183,7 +183,9 @@ def test_every_finishing_step_runs_at_each_precision(tmp_path, precision):
     best = fit(tiny_cfg(data, tmp_path / "run", epochs=1, precision=precision, evaluate=True,
                         export=True), progress=False)
     assert (best.parent / "report" / "metrics.json").is_file()
-    ckpt = load_checkpoint(best)
+    from core.sidecars import load_run_checkpoint
+
+    ckpt = load_run_checkpoint(best)  # calibration and OOD statistics live in sidecars
     assert ckpt.get("ood") is not None and ckpt.get("temperature") is not None
     assert export.is_current(best.with_suffix(".onnx"), export.file_sha256(best))
     serving = json.loads((best.parent / export.SERVING_FILE).read_text())
