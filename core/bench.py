@@ -197,32 +197,37 @@ import torch, torchvision  # noqa: E401,F401
 gc.collect()
 before = rss_mb()
 from core.inference import Predictor
-p = Predictor.from_checkpoint(sys.argv[1], device="cpu", backend=sys.argv[3])
+runtime, precision = sys.argv[3].split("-") if "-" in sys.argv[3] else ("auto", "auto")
+p = Predictor.from_checkpoint(sys.argv[1], device="cpu", runtime=runtime, precision=precision)
 p.explain(open(sys.argv[2], "rb").read())
 gc.collect()
 after = rss_mb()
-paths = open(sys.argv[4]).read().split("\n") if len(sys.argv) > 4 else []
-for path in filter(None, paths):  # then many images: close calls, allocator growth
+paths = [q for q in open(sys.argv[4]).read().split("\n") if q]
+for path in paths:  # then many distinct images: allocator and arena growth
     p.explain(open(path, "rb").read())
-p.predict_batch([open(q, "rb").read() for q in filter(None, paths)][:16])
+p.predict_batch([open(q, "rb").read() for q in paths][:16])
 gc.collect()
-print(json.dumps({"before": before, "after": after, "steady": rss_mb(), "n": len(paths)}))
+print(json.dumps({"before": before, "after": after, "steady": rss_mb(), "n": len(paths),
+                  "network": p.network}))
 """
 
 
 def add_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
-                   help="a run's best.pt (default: build a random-init ResNet50 at --img-size)")
+                   help="a run's best.pt (default: build a random-init ResNet50 at --img-size); "
+                        "its exported graphs are written beside it")
     p.add_argument("--img-size", type=int, default=224,
                    help="input size of the built checkpoint (default %(default)s)")
     p.add_argument("--data-dir", default=None,
-                   help="real X-rays for the sample image and the agreement check (default: "
+                   help="real X-rays for the timed calls and the agreement check (default: "
                         "../shared/data/cxr-real beside the repository, if present)")
-    p.add_argument("--backends", default="eager,fused,jit,int8",
-                   help="predictor backends to compare (default %(default)s; 'auto' is one of them)")
+    p.add_argument("--networks", default="auto,onnx-fp32,openvino-fp32,openvino-bf16,onnx-int8",
+                   help="predictors to compare: auto (the default settings) and/or "
+                        "<runtime>-<precision> pairs; pairs this CPU cannot serve are skipped "
+                        "(default %(default)s)")
     p.add_argument("--calibration-images", type=int, default=64,
-                   help="real images to calibrate the int8 network with when the checkpoint has "
-                        "none (default %(default)s)")
+                   help="real images to calibrate the int8 graph with when it is missing "
+                        "(default %(default)s)")
     p.add_argument("--repeats", type=int, default=20,
                    help="timed single-image calls per contender, interleaved (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="throughput batch (default %(default)s)")
@@ -233,8 +238,8 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the fresh-process memory measurement")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads for everything measured (default 0: torch's "
-                        "default, capped at the CPUs available)")
+                   help="intra-op threads for everything measured (default 0: the CPUs "
+                        "available)")
 
 
 def _interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -248,17 +253,40 @@ def _interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> d
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def _infer_images(data_dir, checkpoint, limit):
+    """Real images: the run's manifest test split, else every image of the folder."""
+    from core.data import IMAGE_EXTS, load_manifest
+
+    paths, what = [], "images"
+    manifest = checkpoint.parent / "manifest.csv"
+    if manifest.is_file():
+        rows = load_manifest(manifest, data_dir).split("test")
+        paths = [data_dir / r["path"] for r in rows if (data_dir / r["path"]).is_file()]
+        what = "test split of the run's manifest"
+    if not paths and data_dir.is_dir():
+        paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        what = "images (no run manifest: all)"
+    if limit and len(paths) > limit:
+        step = len(paths) / limit
+        paths = [paths[int(k * step)] for k in range(limit)]
+        what += f", every {step:.1f}th"
+    return paths, what
+
+
 def bench_infer(args: argparse.Namespace) -> int:
     """Inference speed, agreement and memory of core.inference.Predictor against a plain fp32
-    eager torchvision ResNet50, all measured in this run (medians of interleaved calls).
+    eager torchvision ResNet50 forward, all measured in this process (medians of
+    interleaved calls, so that a loaded machine slows every contender alike: compare the
+    ratios).
 
-    Figures: single-image predict p50 (PNG bytes -> probabilities), predict + Grad-CAM +
-    overlay p50, batch throughput, top-1 agreement with the fp32 network on real X-rays,
-    and the resident memory a loaded predictor with one explained image adds to a fresh
-    process that has imported torch and torchvision.
+    Figures per predictor (runtime-precision): single-image predict p50 (PNG bytes ->
+    calibrated probabilities; target <= 0.6x the baseline forward), predict + Grad-CAM +
+    overlay p50 (<= 0.8x), batch throughput (>= 2x), top-1 agreement, operating-point
+    decisions and OOD flags against PyTorch fp32 eager on real X-rays, and the resident
+    memory a loaded predictor adds after 30 explains and a batch of 16 in a fresh process
+    (<= 250 MB).
     """
     import io
-    import json
     import os
     import subprocess
     import tempfile
@@ -268,37 +296,20 @@ def bench_infer(args: argparse.Namespace) -> int:
     import torchvision
     from PIL import Image
 
-    from core import quantize
+    from core import export
+    from core import network as net
     from core.config import PreprocessConfig, to_dict
-    from core.data import IMAGE_EXTS, load_manifest
     from core.devices import cpu_has_native_bf16
-    from core.inference import Predictor, fold_batchnorm, inference_trunk
+    from core.errors import ConfigError
+    from core.inference import Predictor
     from core.model import (
         CHECKPOINT_FORMAT,
         CHECKPOINT_VERSION,
         build_model,
-        load_checkpoint,
         model_from_checkpoint,
         save_checkpoint,
     )
-
-    def infer_images(data_dir, checkpoint, limit):
-        """Real images for the agreement check: the run's manifest test split, else all images."""
-        manifest = checkpoint.parent / "manifest.csv"
-        if manifest.is_file():
-            rows = load_manifest(manifest, data_dir).split("test")
-            paths = [data_dir / r["path"] for r in rows if (data_dir / r["path"]).is_file()]
-            what = "test split of the run's manifest"
-        else:
-            paths, what = [], "images"
-        if not paths:
-            paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-            what = "images (no run manifest: all)"
-        if limit and len(paths) > limit:
-            step = len(paths) / limit
-            paths = [paths[int(k * step)] for k in range(limit)]
-            what += f", every {step:.1f}th"
-        return paths, what
+    from core.sidecars import load_run_checkpoint
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -316,44 +327,52 @@ def bench_infer(args: argparse.Namespace) -> int:
                          "preprocess": to_dict(PreprocessConfig(img_size=args.img_size)),
                          "state_dict": model.state_dict()}, ckpt_path)
         del model
-    ckpt = load_checkpoint(ckpt_path)
-    run_ckpt = ckpt_path  # its folder's manifest.csv names the test split
+    ckpt = load_run_checkpoint(ckpt_path)  # with its calibration and OOD sidecars
     size = int(ckpt["preprocess"]["img_size"])
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-
-    real = sorted(p for p in data_dir.rglob("*.png")) if data_dir.is_dir() else []
-    if real:
-        png = real[0].read_bytes()
+    native = cpu_has_native_bf16()
+    paths, what = _infer_images(data_dir, ckpt_path, args.agreement_limit)
+    if paths:
+        png = paths[0].read_bytes()
     else:
-        rng = np.random.default_rng(0)
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)).save(buf, "PNG")
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)).save(buf, "PNG")
         png = buf.getvalue()
     (tmp / "sample.png").write_bytes(png)
-    if "int8" in backends and quantize.KEY not in ckpt:
-        # A checkpoint without an int8 network (the random-init default): calibrate one here on
-        # real images through the preprocessing contract (core.quantize.calibrate_run_int8 does
-        # this, plus its validation check, for a trained run).
-        helper = Predictor(ckpt, device="cpu", backend="fused")
-        files = [p.read_bytes() for p in real[:: max(1, len(real) // args.calibration_images)]]
-        files = (files or [png])[: args.calibration_images]
-        t0 = time.perf_counter()
-        trunk = inference_trunk(fold_batchnorm(model_from_checkpoint(ckpt), inplace=True))
-        batches = (torch.stack([helper.prepare(f).x for f in files[i : i + 16]])
-                   for i in range(0, len(files), 16))
-        ckpt[quantize.KEY] = {"engine": quantize.DEFAULT_ENGINE, "graph": quantize.GRAPH_VERSION,
-                              "torch": str(torch.__version__),
-                              "observers": quantize.calibrate(trunk, batches)}
-        save_checkpoint(ckpt, tmp / "best.pt")
-        ckpt_path = tmp / "best.pt"
-        del helper, trunk
-        print(f"infer: int8 network calibrated here on {len(files)} real images in "
-              f"{time.perf_counter() - t0:.1f} s ({quantize.DEFAULT_ENGINE} engine; no validation "
-              "split here, so no close-call margin: int8 alone)")
     print(f"infer: checkpoint {origin} ({ckpt['arch']}, {size} px); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
-          f"native bf16: {cpu_has_native_bf16()}; sample: "
-          f"{'a real X-ray' if real else 'noise'} PNG of {len(png) / 1024:.0f} KB")
+          f"CPU kind: {'native bf16 (AVX512-BF16/AMX)' if native else 'no native bf16 (AVX2)'}, "
+          f"{os.cpu_count()} CPUs visible; os.getloadavg {os.getloadavg()[0]:.1f} "
+          "(a loaded machine: absolute times are noisy, compare the ratios)")
+
+    export.ensure_graph(ckpt_path, ckpt)
+    helper = Predictor(ckpt, device="cpu", runtime="torch")
+    wanted = [n.strip() for n in args.networks.split(",") if n.strip()]
+    if "onnx-int8" in wanted or "openvino-int8" in wanted:
+        sha = export.file_sha256(ckpt_path)
+        if not export.is_current(export.graph_path(ckpt_path, "int8"), sha) and paths:
+            files = paths[:: max(1, len(paths) // args.calibration_images)][: args.calibration_images]
+            batches = [torch.stack([helper.prepare(f.read_bytes()).x for f in files[i : i + 16]])
+                       for i in range(0, len(files), 16)]
+            t0 = time.perf_counter()
+            export.quantize_int8(ckpt_path, batches)
+            print(f"infer: int8 graph quantised here (ONNX Runtime quantize_static) on "
+                  f"{len(files)} real images in {time.perf_counter() - t0:.1f} s")
+    predictors: dict[str, Predictor] = {}
+    for name in wanted:
+        runtime, precision = name.split("-") if "-" in name else ("auto", "auto")
+        t0 = time.perf_counter()
+        try:
+            predictors[name] = Predictor.from_checkpoint(ckpt_path, device="cpu", runtime=runtime,
+                                                         precision=precision,
+                                                         batch_size=args.batch_size)
+        except ConfigError as exc:
+            print(f"infer: [{name}] skipped: {exc}")
+            continue
+        print(f"infer: [{name}] -> {predictors[name].network}: load and warm-up "
+              f"{time.perf_counter() - t0:.1f} s")
+    if "auto" in predictors and predictors["auto"].network.endswith("fp32"):
+        print("infer: the default settings serve fp32 here: no reduced precision passed the "
+              "run's check (serving.json) on this machine, or none was checked")
 
     baseline = torchvision.models.resnet50().eval()
     x1 = torch.randn(1, 3, size, size)
@@ -363,91 +382,66 @@ def bench_infer(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             baseline(x)
 
-    predictors: dict[str, Predictor] = {}
-    for b in backends:
-        t0 = time.perf_counter()
-        predictors[b] = Predictor(ckpt, device="cpu", backend=b, batch_size=args.batch_size)
-        print(f"infer: backend {b} (-> {predictors[b].backend}): load and warm-up "
-              f"{time.perf_counter() - t0:.1f} s")
     base_forward(x1)
     base_forward(xb)
-
-    # Distinct real X-rays (the agreement check's images) for the timed calls: the int8
-    # backend re-computes close calls in fp32, so its time depends on the image.
-    paths, what = infer_images(data_dir, run_ckpt, args.agreement_limit) if real else ([], "")
     pool = [p.read_bytes() for p in paths[: max(args.repeats, args.batch_size)]] or [png]
     single: dict[str, Callable[[], object]] = {"baseline": lambda: base_forward(x1)}
     for b, p in predictors.items():
         images, gallery = itertools.cycle(pool), itertools.cycle(pool)  # same order for each
         single[f"predict/{b}"] = lambda p=p, it=images: p.predict(next(it))
-        single[f"explain/{b}"] = lambda p=p, it=gallery: p.explain(next(it))
+        single[f"explain/{b}"] = lambda p=p, it=gallery: p.explain(next(it), lung_focus=False)
     med = _interleaved(single, args.repeats)
     base_ms = med["baseline"] * 1000
     print(f"infer: baseline fp32 eager torchvision resnet50 forward, 1 image at {size} px: "
           f"p50 {base_ms:.1f} ms; predictors timed on {len(pool)} distinct "
           f"{'real X-rays' if paths else 'copies of the sample'}")
-    for b in predictors:
-        pm, em = med[f"predict/{b}"] * 1000, med[f"explain/{b}"] * 1000
-        print(f"infer: [{b}] predict p50 {pm:.1f} ms (decode PNG -> probabilities; "
-              f"{pm / base_ms:.2f}x the baseline forward; target <= 50 ms) | predict + Grad-CAM "
-              f"+ overlay p50 {em:.1f} ms (target <= 100 ms)")
-
     pngs = [pool[i % len(pool)] for i in range(args.batch_size)]
     batch: dict[str, Callable[[], object]] = {"baseline": lambda: base_forward(xb)}
     for b, p in predictors.items():
         batch[b] = lambda p=p: p.predict_batch(pngs)
     bmed = _interleaved(batch, args.batches)
     base_tp = args.batch_size / bmed["baseline"]
-    print(f"infer: baseline forward throughput, batch {args.batch_size}: {base_tp:.1f} img/s")
-    for b in predictors:
+    for b, p in predictors.items():
+        pm, em = med[f"predict/{b}"] * 1000, med[f"explain/{b}"] * 1000
         tp = args.batch_size / bmed[b]
-        print(f"infer: [{b}] predict_batch throughput (PNG bytes -> predictions), batch "
-              f"{args.batch_size}: {tp:.1f} img/s = {tp / base_tp:.2f}x the baseline (target >= 1.8x)")
+        print(f"infer: [{b} = {p.network}] predict p50 {pm:.1f} ms = {pm / base_ms:.2f}x the "
+              f"baseline (target <= 0.6x) | predict + Grad-CAM + overlay p50 {em:.1f} ms = "
+              f"{em / base_ms:.2f}x (target <= 0.8x) | batch {args.batch_size} throughput "
+              f"{tp:.1f} img/s = {tp / base_tp:.2f}x the baseline's {base_tp:.1f} (target >= 2x)")
 
-    if real:
-        reference = model_from_checkpoint(ckpt).eval()
-        any_p = next(iter(predictors.values()))
-        agree = dict.fromkeys(predictors, 0)
-        max_dp = dict.fromkeys(predictors, 0.0)
-        n_fp32 = dict.fromkeys(predictors, 0)
-        for start in range(0, len(paths), args.batch_size):
-            x = torch.stack([any_p.prepare(p).x for p in paths[start : start + args.batch_size]])
-            with torch.inference_mode():
-                ref = reference(x).float()
-            for b, p in predictors.items():
-                outputs = p.outputs(x)
-                out = outputs.logits
-                n_fp32[b] += int(outputs.fp32.sum())
-                agree[b] += int((out.argmax(1) == ref.argmax(1)).sum())
-                dp = (torch.softmax(out, 1) - torch.softmax(ref, 1)).abs().max()
-                max_dp[b] = max(max_dp[b], float(dp))
-        for b in predictors:
-            close = (f"; {100 * n_fp32[b] / len(paths):.1f}% close calls re-computed in fp32 "
-                     f"(margin {predictors[b].fp32_margin:.3f})"
-                     if predictors[b].backend == "int8" else "")
-            print(f"infer: [{b}] top-1 agreement with fp32 eager on {len(paths)} real {what}: "
-                  f"{100 * agree[b] / len(paths):.2f}% (max |delta p| {max_dp[b]:.2e}{close}; "
-                  "target >= 99%)")
+    if paths:
+        reference = net.TorchNetwork(model_from_checkpoint(ckpt), torch.device("cpu"), None)
+        xs = [torch.stack([helper.prepare(p.read_bytes()).x for p in paths[i : i + args.batch_size]])
+              for i in range(0, len(paths), args.batch_size)]
+        ref = export.run_all(reference, xs)
+        for b, p in predictors.items():
+            c = export.compare(ref, export.run_all(p._net, xs), ckpt)
+            print(f"infer: [{b} = {p.network}] against PyTorch fp32 eager on {c['n']} real {what}: "
+                  f"top-1 agreement {100 * c['top1_agreement']:.2f}%, max |delta p| "
+                  f"{c['max_abs_dp']:.1e}, operating-point decision changes "
+                  f"{c['decision_changes']} (screening p >= threshold changes "
+                  f"{c['screening_changes']}), OOD flag agreement "
+                  f"{100 * c.get('ood_flag_agreement', float('nan')):.1f}%")
     else:
         print(f"infer: agreement check skipped: no real X-rays at {data_dir}")
 
     if args.memory:
         env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         (tmp / "more.txt").write_text("\n".join(str(p) for p in paths[:30]))
-        for b in backends:
+        for b in predictors:
             res = subprocess.run(
-                [sys.executable, "-c", _INFER_RSS_SCRIPT, str(ckpt_path), str(tmp / "sample.png"), b,
-                 str(tmp / "more.txt")],
+                [sys.executable, "-c", _INFER_RSS_SCRIPT, str(ckpt_path), str(tmp / "sample.png"),
+                 b, str(tmp / "more.txt")],
                 capture_output=True, text=True, cwd=root, env=env, check=False)
             if res.returncode != 0:
                 print(f"infer: [{b}] memory measurement failed: {res.stderr.strip()[-300:]}")
                 continue
             m = json.loads(res.stdout.strip().splitlines()[-1])
-            print(f"infer: [{b}] resident memory added by Predictor load + one explain in a fresh "
-                  f"process: {m['after'] - m['before']:.0f} MB (after import torch, torchvision: "
-                  f"{m['before']:.0f} MB; target <= 300 MB)"
-                  + (f"; after {m['n']} more explains and a batch of 16: "
-                     f"{m['steady'] - m['before']:.0f} MB" if m["n"] else ""))
+            print(f"infer: [{b} = {m['network']}] resident memory added by a loaded predictor "
+                  f"in a fresh process (after import torch, torchvision: {m['before']:.0f} MB): "
+                  f"{m['after'] - m['before']:.0f} MB after one explain, "
+                  f"{m['steady'] - m['before']:.0f} MB after {m['n']} more explains and a batch "
+                  f"of 16 (target <= 250 MB)")
     return 0
 
 

@@ -135,7 +135,7 @@ class TrainConfig:
     seed: int = 42
     resume: bool = False
     evaluate: bool = True
-    int8: bool = True  # after evaluation: calibrate the int8 CPU network (core.quantize)
+    export: bool = True  # after evaluation: export the serving graph and check reduced precisions (core.export)
     max_steps_per_epoch: int = 0  # 0 = full epochs (a debugging/benchmark aid)
 
     def __post_init__(self) -> None:
@@ -204,4 +204,7 @@ def save_json(cfg: Any, path: str | Path) -> None:
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    return from_dict(RunConfig, json.loads(Path(path).read_text()))
+    data = json.loads(Path(path).read_text())
+    if "int8" in data.get("train", {}):  # runs of earlier versions: int8 became the export
+        data["train"]["export"] = data["train"].pop("int8")
+    return from_dict(RunConfig, data)

@@ -283,7 +283,7 @@ def _log_summary(doc: dict[str, Any], out_dir: Path) -> None:
 
 
 def finalize_run(run_dir: str | Path, data_dir: str | Path, device: str = "cpu",
-                 progress: bool = True, *, int8: bool = False) -> Path:
+                 progress: bool = True, *, export: bool = False) -> Path:
     """End of training, in this order; ``best.pt`` is read, never written (each step writes
     its own sidecar, stamped with the hash of ``best.pt``: :mod:`core.sidecars`):
 
@@ -292,8 +292,9 @@ def finalize_run(run_dir: str | Path, data_dir: str | Path, device: str = "cpu",
     2. OOD statistics and the OOD and low-confidence cut-offs on the validation split
        (:func:`core.ood.calibrate_run_ood`, which uses the temperature of step 1,
        ``best.ood.safetensors``);
-    3. with ``int8``, the int8 CPU network (:func:`core.quantize.calibrate_run_int8`,
-       ``best.int8.pt``; when its check fails a warning is logged and the fp32 network serves);
+    3. with ``export``, the serving graph ``best.onnx`` and the check of which reduced
+       precisions may serve (:func:`core.export.finish_run`, ``serving.json``; nothing
+       passes: fp32 serves);
     4. the test report, whose per-image records carry each image's OOD score and flags under
        the cut-offs of step 2 and whose ``checkpoint_sha256`` is that of ``best.pt``.
 
@@ -304,13 +305,10 @@ def finalize_run(run_dir: str | Path, data_dir: str | Path, device: str = "cpu",
     best = run_dir / "best.pt"
     recalibrate_checkpoint(best, data_dir, device=device, progress=progress)
     ood.calibrate_run_ood(run_dir, data_dir, device=device, progress=progress)
-    if int8:
-        from core import quantize
+    if export:
+        from core import export as export_lib
 
-        try:
-            quantize.calibrate_run_int8(run_dir, data_dir, progress=progress)
-        except quantize.QuantizationError as exc:  # the fp32 network still serves
-            log.warning("No int8 network stored: %s", exc)
+        export_lib.finish_run(run_dir, data_dir)
     return evaluate(best, data_dir, "test", run_dir / "report", device=device, progress=progress)
 
 

@@ -29,34 +29,23 @@ of the linear head times the ``layer4`` activations, no hooks). Other CAM method
 ``core.gradcam`` on a shadow copy of the network under that module's lock. One predictor can
 therefore serve every thread and session of a Streamlit server.
 
-Speed on CPU
-------------
-At load the network is specialised for inference (``backend="auto"``): BatchNorm folded
-into the preceding convolutions, channels-last memory format, then a frozen TorchScript
-graph (``torch.jit.freeze`` + ``optimize_for_inference``: oneDNN convolutions with
-pre-packed weights and fused ReLU/add) that returns the logits *and* the ``layer4``
-activations in one pass. bf16 is used only where the CPU runs it natively
-(:func:`core.devices.cpu_has_native_bf16`; elsewhere oneDNN emulates it and it is ~10x
-slower); CUDA uses fp16/bf16 autocast. On CPUs without native bf16 a run's **int8 network**
-(:mod:`core.quantize`, stored by training when it agrees with fp32 on >= 99 % of validation)
-is used instead, frozen the same way, with its own OOD and low-confidence cut-offs. int8
-moves each calibrated probability by at most ``e`` (the largest change seen on validation),
-so it can change the top class only where its own top-two margin is at most ``2e``: those
-close calls (a few percent of images) are re-computed by the fp32 network, kept in memory
-for them (``Prediction.network`` says which network answered).
-``python -m core.bench infer`` measures the options.
+Networks
+--------
+The predictor calls one network object (:mod:`core.network`): on the CPU by default the
+run's graph exported once to ONNX (``best.onnx`` beside ``best.pt``, :mod:`core.export`)
+on ONNX Runtime at fp32, which keeps PyTorch fp32's decisions; on a GPU, and with
+``runtime="torch"``, the eager ``nn.Module``. A reduced precision (bf16 where the CPU runs
+it natively, int8) serves only with ``precision="auto"`` when the run's check passed on
+validation, or when asked for. ``Prediction.network`` says which runtime and precision
+answered. ``python -m core.bench infer`` measures them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import logging
 import math
-import os
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +55,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import gradcam, ood, sidecars
+from core import export, gradcam, ood, sidecars
 from core.config import PreprocessConfig
-from core.devices import release_free_memory, resolve_device, resolve_precision
+from core.devices import release_free_memory, resolve_device
 from core.errors import CheckpointError, ConfigError, InvalidImageError
 from core.imaging import DecodedImage, decode
 from core.model import load_checkpoint, preprocess_config_of
+from core.network import TorchNetwork, usable_cpus
 from core.preprocess import build_transform
 
 log = logging.getLogger(__name__)
@@ -80,13 +70,6 @@ RESEARCH_ONLY = (
     "Research use only. CXR Insight is not a medical device: its outputs are not validated "
     "for clinical use and must not be used for diagnosis, triage or treatment decisions."
 )
-BACKENDS = ("auto", "eager", "fused", "jit", "int8")
-"""``eager``: the network as trained (fp32, contiguous); ``fused``: BatchNorm folded into the
-convolutions, channels-last; ``jit``: ``fused`` frozen into an optimised TorchScript graph;
-``int8``: the run's calibrated int8 network (:mod:`core.quantize`; CPU only), frozen the same
-way; ``auto``: on CPU ``int8`` when the checkpoint has one and the CPU lacks native bf16,
-else ``jit`` (``fused`` with bf16 autocast on CPUs with native bf16), ``fused`` with
-fp16/bf16 autocast on CUDA."""
 DEFAULT_BATCH_SIZE = 16
 _NAN = float("nan")  # one object for "unavailable", so equal predictions compare equal
 
@@ -116,8 +99,8 @@ class Prediction:
         ood_available, low_confidence_available: the checkpoint stores these statistics.
         ood_threshold, low_confidence_threshold: the cut-offs (``nan`` when unavailable).
         decision_rule: the rule that gave ``decision``, in words.
-        network: ``fp32`` or ``int8``: the network whose logits gave the probabilities (the
-            ``int8`` backend re-computes close calls in fp32, see the module docstring).
+        network: the runtime and precision whose outputs gave this result, e.g. ``onnx-fp32``
+            (:mod:`core.network`).
         notes: what a reader should know (missing statistics, lung-view fallback, EXIF...).
         research_only: the disclaimer to show beside every result.
     """
@@ -137,7 +120,7 @@ class Prediction:
     ood_threshold: float
     low_confidence_threshold: float
     decision_rule: str
-    network: str = "fp32"
+    network: str = "torch-fp32"
     notes: tuple[str, ...] = ()
     research_only: str = RESEARCH_ONLY
 
@@ -185,7 +168,7 @@ class Outputs:
     ood_score: np.ndarray  # [N] float64, nan without OOD statistics
     ood: torch.Tensor  # [N] bool
     low_confidence: torch.Tensor  # [N] bool
-    fp32: torch.Tensor  # [N] bool: logits from the fp32 network (always, except int8 ones)
+    network: str = ""  # the runtime and precision that answered (Predictor.network)
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,91 +187,7 @@ class PreparedImage:
         return int(self.gray.shape[0]), int(self.gray.shape[1])
 
 
-# ---------------------------------------------------------------- network variants
-
-
-class _Trunk(nn.Module):
-    """``x -> (logits, layer4 activations, pooled layer1, layer2, layer3 activations)`` of a
-    torchvision ResNet in one pass: the operations of ``model(x)`` and of
-    :func:`core.gradcam.forward_with_cam`, plus the global averages that
-    :func:`core.ood.pooled_layer_features` gives for the OOD score."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.model
-        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        h1 = m.layer1(x)
-        h2 = m.layer2(h1)
-        h3 = m.layer3(h2)
-        feats = m.layer4(h3)
-        logits = m.fc(torch.flatten(m.avgpool(feats), 1))
-        return logits, feats, h1.mean(dim=(2, 3)), h2.mean(dim=(2, 3)), h3.mean(dim=(2, 3))
-
-
-def inference_trunk(model: nn.Module) -> nn.Module:
-    """The one-pass inference network of a torchvision ResNet (see ``_Trunk``): what every
-    backend runs, and what :mod:`core.quantize` quantises."""
-    return _Trunk(model).eval()
-
-
-def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """An eval-mode ResNet with every BatchNorm folded into its convolution (a copy unless
-    ``inplace``).
-
-    Same outputs up to float rounding; one op fewer per convolution. The BatchNorm modules
-    become ``nn.Identity`` so that the module structure (``bn1``, ``layer4``...) stays.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = (model if inplace else copy.deepcopy(model)).eval()
-
-    def fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
-        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
-            setattr(parent, bn_name, nn.Identity())
-
-    fold(folded, "conv1", "bn1")
-    for stage in gradcam.STAGES:
-        for block in getattr(folded, stage):
-            for k in (1, 2, 3):
-                if hasattr(block, f"conv{k}"):
-                    fold(block, f"conv{k}", f"bn{k}")
-            ds = getattr(block, "downsample", None)
-            if isinstance(ds, nn.Sequential) and len(ds) == 2:
-                conv, bn = ds[0], ds[1]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    ds[0], ds[1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
-    for p in folded.parameters():
-        p.requires_grad_(False)
-    return folded
-
-
-def _freeze(trunk: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """Trace and freeze the trunk into an optimised TorchScript graph (oneDNN on CPU)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
-        with torch.inference_mode(False), torch.no_grad():
-            traced = torch.jit.trace(trunk.eval(), example, check_trace=False)
-            frozen = torch.jit.freeze(traced.eval())
-            return torch.jit.optimize_for_inference(frozen)
-
-
-# ---------------------------------------------------------------- device, precision, memory
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
-    (containers), where torch's default thread count may count the whole host."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(float(quota) / float(period))))
-    return max(1, n)
+# ---------------------------------------------------------------- device, memory
 
 
 def limit_threads() -> int:
@@ -321,16 +220,6 @@ def _network(ckpt: dict[str, Any]) -> nn.Module:
 # ---------------------------------------------------------------- checkpoint contents
 
 
-def _int8_usable(state: Any) -> bool:
-    """A checkpoint's int8 block can serve ``backend="auto"``: present and its engine in this
-    torch build. (Only asked on CPUs without native bf16, where ``auto`` means fp32.)"""
-    if not isinstance(state, dict):
-        return False
-    from core import quantize
-
-    return quantize.available(str(state.get("engine", quantize.DEFAULT_ENGINE)))
-
-
 def _as_numpy(obj: Any) -> Any:
     """Tensors (at any depth of dicts and lists) -> float64 arrays, once at load."""
     if isinstance(obj, torch.Tensor):
@@ -340,6 +229,13 @@ def _as_numpy(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_as_numpy(v) for v in obj)
     return obj
+
+
+def _ood_stats(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    if ckpt.get("ood") is None:
+        return None
+    ood.check_stats(ckpt["ood"])
+    return _as_numpy(ckpt["ood"])
 
 
 def _calibration(ckpt: dict[str, Any]) -> tuple[float, bool, dict[str, Any] | None]:
@@ -365,20 +261,16 @@ class Predictor:
 
     Build with :meth:`from_checkpoint`. Thread-safe (see the module docstring); load once
     per process and share (``st.cache_resource`` in the dashboard).
+
+    ``runtime``: ``auto`` (the exported graph on the CPU serving runtime, eager torch on a
+    GPU), ``torch``, ``onnx`` or ``openvino``; ``precision``: ``auto`` (fp32 on the CPU
+    unless the run's check let a reduced precision serve, :mod:`core.export`), ``fp32``,
+    ``bf16``, ``fp16`` (torch on a GPU) or ``int8`` (see :mod:`core.network`).
     """
 
-    def __init__(
-        self,
-        ckpt: dict[str, Any],
-        *,
-        device: str | torch.device = "auto",
-        backend: str = "auto",
-        precision: str = "auto",
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        source: str = "",
-    ) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend={backend!r} is not valid; choose one of: {', '.join(BACKENDS)}")
+    def __init__(self, ckpt: dict[str, Any], *, device: str | torch.device = "auto",
+                 runtime: str = "auto", precision: str = "auto",
+                 batch_size: int = DEFAULT_BATCH_SIZE, source: str = "") -> None:
         self.source = source
         self.classes: tuple[str, ...] = tuple(str(c) for c in ckpt["classes"])
         self.preprocess: PreprocessConfig = preprocess_config_of(ckpt)
@@ -388,109 +280,48 @@ class Predictor:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             limit_threads()
-        # On the CPU, "auto" serves fp32: bf16 changes decisions (3 of 150 real X-rays changed
-        # class in a test), and the same image must get the same answer on every CPU. bf16 on
-        # the CPU is opt-in (precision="bf16" with backend="fused").
-        auto_precision = precision == "auto"
-        if auto_precision and self.device.type == "cpu":
-            precision = "fp32"
-        self.amp_dtype = resolve_precision(precision, self.device)
         self._transform = build_transform(dataclasses.replace(self.preprocess, lung_view="none"))
-
-        self.ood_stats: dict[str, Any] | None = None
-        if ckpt.get("ood") is not None:
-            ood.check_stats(ckpt["ood"])
-            self.ood_stats = _as_numpy(ckpt["ood"])
+        self.ood_stats = _ood_stats(ckpt)
         low = ckpt.get("low_confidence")
         self.low_confidence_threshold = float(low["threshold"]) if low else _NAN
-        self.notes = self._static_notes(low)
-
-        int8_state = ckpt.get("int8")
-        if backend == "auto":
-            backend = "jit" if self.device.type == "cpu" and self.amp_dtype is None else "fused"
-            if backend == "jit" and auto_precision and _int8_usable(int8_state):
-                backend = "int8"
-        if backend in ("jit", "int8") and self.amp_dtype is not None:
-            raise ConfigError(f"backend={backend!r} does not take bf16/fp16 autocast; use "
-                              "backend='fused' for those")
-        if backend == "int8":
-            if self.device.type != "cpu":
-                raise ConfigError("backend='int8' runs on the CPU only; use device='cpu'")
-            if int8_state is None:
-                raise ConfigError("This checkpoint has no int8 network; run `python -m "
-                                  "core.quantize RUN_DIR --data-dir DATA` or use backend='jit'")
-        notes = []
-        self._channels_last = backend not in ("eager", "int8")
-        model = self._build_model(ckpt, backend)
-        self._fc_weight = gradcam.classifier_layer(model).weight.detach().float().clone()
-        self._model_lock = threading.Lock()
-        self._model_path: Path | None = None  # set when the weights live only in a frozen graph
-        self._model = model
-        self._net: nn.Module | torch.jit.ScriptModule = _Trunk(model)
-        self._fp32_net: nn.Module | None = None  # the int8 backend's network for close calls
-        self.fp32_margin = 0.0
-        if backend == "int8":
-            from core import quantize
-
-            try:
-                self._net = quantize.build(self._net, int8_state, self._example(1))
-                self.fp32_margin = float(int8_state.get("fp32_margin", 0.0))
-                if self.fp32_margin > 0:  # channels-last: ~40 % less memory held after a close call
-                    model = model.to(memory_format=torch.channels_last)
-                    self._fp32_net = _Trunk(model)
-            except (quantize.QuantizationError, ConfigError) as exc:
-                log.warning("int8 network unavailable (%s); using the fp32 network", exc)
-                notes.append(f"The int8 network could not be built ({exc}); predictions come "
-                             "from the fp32 network.")
-                self._channels_last = True
-                model = model.to(memory_format=torch.channels_last)
-                self._net = _Trunk(model)
-                backend = "jit"
-        if backend == "jit":
-            try:
-                self._net = _freeze(self._net, self._example(1))
-            except (RuntimeError, AttributeError) as exc:  # TorchScript is deprecated upstream
-                log.warning("TorchScript freezing failed (%s); using the fused eager network", exc)
-                backend = "fused"
-        if backend in ("jit", "int8") and self._fp32_net is None and source and Path(source).is_file():
-            # The frozen graph holds its own (pre-packed) weights; keep only the module
-            # structure and reload the weights from the file if a library CAM needs them.
-            self._model = model.to("meta")
-            self._model_path = Path(source)
-        self.backend = backend
-        self.notes = self.notes + tuple(notes)
-        if backend == "int8":  # the int8 network's own cut-offs (core.quantize), where stored
-            if self.ood_stats is not None and "ood_threshold" in int8_state:
-                self.ood_stats["threshold"] = float(int8_state["ood_threshold"])
-            if self.has_low_confidence and "low_confidence_threshold" in int8_state:
-                self.low_confidence_threshold = float(int8_state["low_confidence_threshold"])
-        self._warm_up()
-        log.info("Predictor ready: %s, %s, %d classes, %d px, backend %s%s on %s", source or "checkpoint",
-                 self.arch, len(self.classes), self.preprocess.img_size, backend,
-                 f" ({self.amp_dtype})" if self.amp_dtype else "", self.device)
-
-    def _build_model(self, ckpt: dict[str, Any], backend: str) -> nn.Module:
         model = _network(ckpt)
-        if backend != "eager":  # fused, jit and int8 start from the folded network
-            model = fold_batchnorm(model, inplace=True)
-        if self._channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model.to(self.device).eval()
+        self._fc_weight = gradcam.classifier_layer(model).weight.detach().float().clone()
+        self._net, notes = export.open_network(ckpt, model, source=source, device=self.device,
+                                               runtime=runtime, precision=precision)
+        self.notes = self._static_notes(low) + notes
+        self._model_lock = threading.Lock()
+        # The runtime's graph holds its own weights: keep the module's structure only, and
+        # its weights where no file can give them back (for the library CAM methods).
+        self._model = model if isinstance(self._net, TorchNetwork) else model.to("meta")
+        self._state = None if isinstance(self._net, TorchNetwork) or source else ckpt["state_dict"]
+        self._net(self._example(1))  # warm-up: the runtime plans its kernels on the first call
+        log.info("Predictor ready: %s, %s, %d classes, %d px, network %s on %s",
+                 source or "checkpoint", self.arch, len(self.classes), self.preprocess.img_size,
+                 self.network, self.device)
+
+    @property
+    def network(self) -> str:
+        """The runtime and precision that answer, e.g. ``onnx-fp32`` or ``torch-bf16``."""
+        return self._net.name
 
     def torch_model(self) -> nn.Module:
-        """The network as an ``nn.Module`` (BatchNorm folded except with ``backend="eager"``),
-        e.g. for ``core.gradcam``'s library methods and sanity checks. Shared: do not modify
-        it (``core.gradcam`` works on shadow copies). With the ``jit`` backend its weights are
-        re-read from the checkpoint file on first use (the frozen graph holds its own copy)."""
+        """The network as an eager ``nn.Module`` (e.g. for ``core.gradcam``'s library methods
+        and sanity checks). Shared: do not modify it (``core.gradcam`` works on shadow
+        copies). With a runtime network its weights are read again from the checkpoint on
+        first use (the exported graph holds its own copy)."""
         with self._model_lock:
-            if self._model_path is not None:
-                ckpt = load_checkpoint(self._model_path)
-                model = self._build_model(ckpt, "fused")
-                fc = gradcam.classifier_layer(model).weight.detach().float()
-                if not torch.equal(fc.to(self._fc_weight.device), self._fc_weight):
-                    raise CheckpointError(f"{self._model_path} changed on disk since it was "
-                                          "loaded; reload the predictor.")
-                self._model, self._model_path = model, None
+            if gradcam.classifier_layer(self._model).weight.is_meta:
+                if self._state is not None:
+                    state = self._state
+                else:
+                    state = load_checkpoint(self.source)["state_dict"]
+                    fc = gradcam.classifier_layer(self._model)
+                    name = next(n for n, mod in self._model.named_modules() if mod is fc)
+                    if not torch.equal(state[f"{name}.weight"].float(), self._fc_weight):
+                        raise CheckpointError(f"{self.source} changed on disk since it was "
+                                              "loaded; reload the predictor.")
+                self._model.load_state_dict(state, assign=True)
+                self._model.eval()
             return self._model
 
     @classmethod
@@ -498,7 +329,7 @@ class Predictor:
                         **kwargs: Any) -> Predictor:
         """Load ``models/<run>/best.pt`` (``weights_only=True``) and build a predictor.
 
-        Keyword arguments go to the constructor (``backend``, ``precision``, ``batch_size``).
+        Keyword arguments go to the constructor (``runtime``, ``precision``, ``batch_size``).
         Raises :class:`~core.errors.CheckpointError` for a missing or unusable checkpoint.
         """
         predictor = cls(sidecars.load_run_checkpoint(path), device=device, source=str(path), **kwargs)
@@ -551,8 +382,7 @@ class Predictor:
 
     def _example(self, n: int) -> torch.Tensor:
         s = self.preprocess.img_size
-        x = torch.zeros(n, self.preprocess.channels, s, s, device=self.device)
-        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
+        return torch.zeros(n, self.preprocess.channels, s, s)
 
     def prepare(self, image: ImageInput, name: str | None = None) -> PreparedImage:
         """Decode (``core.imaging.decode``: safe intake) and preprocess one image.
@@ -591,67 +421,26 @@ class Predictor:
 
     # -- the network
 
-    def _forward(self, x: torch.Tensor,
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray], torch.Tensor]:
-        """(logits fp32 CPU [N, C], layer4 activations [N, K, h, w] on the device, pooled
-        activations of every stage as float64 arrays, as ``core.ood.pooled_layer_features``,
-        bool [N]: logits and activations came from the fp32 network).
-
-        With the int8 backend, the images whose int8 top-two margin (calibrated
-        probabilities) is at most ``fp32_margin`` get the fp32 network's logits and layer4
-        activations; the pooled activations (the OOD score) stay the int8 network's, which
-        its OOD cut-off was set on."""
-        x = x.to(self.device, non_blocking=True)
-        if self._channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.amp_dtype is not None:
-                with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
-                    logits, feats, *low = self._net(x)
-            else:
-                logits, feats, *low = self._net(x)
-            pooled = [*low, feats.mean(dim=(2, 3))]
-            arrays = {n: p.float().cpu().double().numpy() for n, p in zip(ood.LAYERS, pooled, strict=True)}
-            logits = logits.float().cpu()
-            if self._fp32_net is None:
-                return logits, feats, arrays, torch.full((len(logits),), self.backend != "int8")
-            from core.quantize import top2_margin
-
-            close = top2_margin(logits, self.temperature) <= self.fp32_margin
-            if close.any():
-                idx = close.nonzero().flatten()
-                x32 = x.index_select(0, idx).contiguous(memory_format=torch.channels_last)
-                logits32, feats32, *_ = self._fp32_net(x32)
-                logits = logits.index_copy(0, idx, logits32.float())
-                feats = feats.float().index_copy(0, idx.to(feats.device), feats32.float())
-            return logits, feats, arrays, close
-
-    def _warm_up(self) -> None:
-        # TorchScript's profiling executor optimises the graph over the first calls.
-        for _ in range(2 if self.backend == "jit" else 1):
-            self._forward(self._example(1))
-        if self._fp32_net is not None:  # the close-call network too (its buffers count now)
-            with torch.inference_mode():
-                self._fp32_net(self._example(1).contiguous(memory_format=torch.channels_last))
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw logits of preprocessed tensors [N, C, S, S] (for benchmarks and audits)."""
-        return self._forward(x)[0]
+        return self._net(x).logits
 
     def outputs(self, x: torch.Tensor) -> Outputs:
         """Logits, OOD scores and both flags of preprocessed tensors [N, C, S, S] (for
-        audits such as :func:`core.quantize.collect`; flags are False where unavailable)."""
-        logits, _, pooled, fp32 = self._forward(x)
-        n = len(logits)
-        if self.ood_stats is not None:
-            scores = np.asarray(ood.ood_score(self.ood_stats, self._ood_inputs(pooled)), np.float64)
-        else:
-            scores = np.full(n, _NAN)
-        top = torch.softmax(logits.double() / self.temperature, 1).max(1).values.numpy()
-        return Outputs(logits, scores,
+        audits; flags are False where unavailable)."""
+        out = self._net(x)
+        n = len(out.logits)
+        scores = self._ood_scores(out.pooled, n)
+        top = torch.softmax(out.logits.double() / self.temperature, 1).max(1).values.numpy()
+        return Outputs(out.logits, scores,
                        torch.from_numpy(self.has_ood & (scores > self.ood_threshold)),
                        torch.from_numpy(self.has_low_confidence & (top < self.low_confidence_threshold)),
-                       fp32)
+                       self.network)
+
+    def _ood_scores(self, pooled: dict[str, np.ndarray], n: int) -> np.ndarray:
+        if self.ood_stats is None:
+            return np.full(n, _NAN)
+        return np.asarray(ood.ood_score(self.ood_stats, self._ood_inputs(pooled)), np.float64)
 
     def _ood_inputs(self, pooled: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if list(self.ood_stats["layer_names"]) == [ood.SINGLE]:  # fitted on the head's input
@@ -661,17 +450,14 @@ class Predictor:
     # -- results
 
     def _results(self, logits: torch.Tensor, pooled: dict[str, np.ndarray],
-                 prepared: Sequence[PreparedImage], fp32: torch.Tensor) -> list[Prediction]:
+                 prepared: Sequence[PreparedImage]) -> list[Prediction]:
         z = logits.double().numpy() / self.temperature
         z = z - z.max(axis=1, keepdims=True)
         proba = np.exp(z)
         proba /= proba.sum(axis=1, keepdims=True)
-        if self.ood_stats is not None:
-            scores = ood.ood_score(self.ood_stats, self._ood_inputs(pooled))
-        else:
-            scores = [_NAN] * len(proba)
+        scores = self._ood_scores(pooled, len(proba))
         out = []
-        for p, score, prep, full in zip(proba, scores, prepared, fp32.tolist(), strict=True):
+        for p, score, prep in zip(proba, scores, prepared, strict=True):
             top = int(p.argmax())
             out.append(Prediction(
                 label=self.classes[top],
@@ -689,7 +475,7 @@ class Predictor:
                 ood_threshold=self.ood_threshold,
                 low_confidence_threshold=self.low_confidence_threshold,
                 decision_rule=self.decision_rule,
-                network="fp32" if full else "int8",
+                network=self.network,
                 notes=self.notes + prep.notes,
             ))
         return out
@@ -742,8 +528,8 @@ class Predictor:
         for start in range(0, len(ok), self.batch_size):
             idx = ok[start : start + self.batch_size]
             chunk = [items[i] for i in idx]
-            logits, _, pooled, fp32 = self._forward(torch.stack([c.x for c in chunk]))  # type: ignore[union-attr]
-            for i, pred in zip(idx, self._results(logits, pooled, chunk, fp32), strict=True):  # type: ignore[arg-type]
+            res = self._net(torch.stack([c.x for c in chunk]))  # type: ignore[union-attr]
+            for i, pred in zip(idx, self._results(res.logits, res.pooled, chunk), strict=True):  # type: ignore[arg-type]
                 out[i] = pred
         return out
 
@@ -788,17 +574,15 @@ class Predictor:
             idx = ok[start : start + self.batch_size]
             chunk: list[PreparedImage] = [items[i] for i in idx]  # type: ignore[misc]
             x = torch.stack([c.x for c in chunk])
-            logits, feats, pooled, fp32 = self._forward(x)
-            preds = self._results(logits, pooled, chunk, fp32)
-            targets = logits.argmax(dim=1) if t_idx is None else torch.full((len(chunk),), t_idx)
+            res = self._net(x)
+            preds = self._results(res.logits, res.pooled, chunk)
+            targets = res.logits.argmax(dim=1) if t_idx is None else torch.full((len(chunk),), t_idx)
             if fast:
-                maps = gradcam.upsample(self._cams(feats, targets), size)
+                maps = gradcam.upsample(self._cams(res.layer4, targets), size)
             else:
-                x_dev = x.to(self.device)
-                if self._channels_last:
-                    x_dev = x_dev.contiguous(memory_format=torch.channels_last)
-                maps = gradcam.explain(self.torch_model(), x_dev, method, targets.tolist(),
-                                       target_layer)
+                model = self.torch_model()
+                maps = gradcam.explain(model, x.to(next(model.parameters()).device), method,
+                                       targets.tolist(), target_layer)
             for i, prep, pred, hm, t in zip(idx, chunk, preds, maps, targets.tolist(), strict=True):
                 heat = self._to_original(hm, prep)
                 over = gradcam.overlay(prep.gray, heat, alpha=alpha, colormap=colormap)

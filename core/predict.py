@@ -7,7 +7,7 @@ Example::
 
 Writes one CSV row per input file (columns: path, label, decision, ``p_<class>`` for every
 class, confidence, low_confidence, ood, ood_score, network, [heatmap, lung_focus,] error;
-``network``: fp32 or int8, the network that answered). A file that cannot be
+``network``: the runtime and precision that answered, e.g. ``onnx-fp32``). A file that cannot be
 used (damaged, not an image, too small...) gets a row with the reason in ``error`` and the
 rest of the batch goes on. Each file's prediction or refusal is recorded in the audit log
 (:mod:`core.audit`: never the image or its name) before its row is written; ``CXR_AUDIT=0``
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from core import gradcam
 from core.errors import CXRError, InvalidImageError
 from core.imaging import accepted_extensions
-from core.inference import BACKENDS
+from core.network import PRECISIONS, RUNTIMES
 
 if TYPE_CHECKING:
     from core.audit import AuditLog, ModelIdentity
@@ -106,12 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    g.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="network variant (core.inference.BACKENDS; default auto: the fastest "
-                        "for the device, the run's int8 network on CPUs without native bf16; "
-                        "jit: the exact fp32 network)")
+    g.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="what runs the network: onnx (ONNX Runtime on the graph exported "
+                        "beside best.pt, python -m core.export), openvino, or torch (eager "
+                        "PyTorch); auto: onnx on the CPU, torch on a GPU (default auto)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: fp32 on the CPU unless the run's check (serving.json) let bf16 "
+                        "or int8 serve; on a GPU the device's autocast. fp32 keeps PyTorch "
+                        "fp32's decisions; bf16 (openvino or torch, CPUs with native bf16 or "
+                        "GPUs), fp16 (torch on a GPU), int8 (onnx/openvino, after "
+                        "core.export --data-dir) trade exactness for speed (default auto)")
     g.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (default 0: torch's default)")
+                   help="CPU threads for the network, any runtime (default 0: the CPUs available)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bar")
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -172,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device,
-                                          backend=args.backend, batch_size=args.batch_size)
+                                          runtime=args.runtime, precision=args.precision,
+                                          batch_size=args.batch_size)
     files = find_images(args.inputs, args.recursive)
     if not files:
         log.error("No images found in the given paths.")

@@ -12,7 +12,7 @@ of this module (``summarise``, ``write_dataset_summary``, the CLI) do import it.
 | ``dataset.json`` | class counts per split, duplicates, skipped files, image sizes and bit depths, sources | training, ``python -m core.runs dataset`` |
 | ``report/metrics.json`` | the evaluation report (``docs/METRICS.md``) | ``core.evaluate`` |
 | ``report/predictions.csv`` | per-image records of the test split | ``core.evaluate`` |
-| ``int8.json`` | the int8 network's check | ``core.quantize`` |
+| ``serving.json`` | the serving graph's reduced-precision check (which precisions may serve) | ``core.export`` (training's finish) |
 
 The files fitted on the weights (calibration, OOD, int8) sit beside ``best.pt`` as sidecars
 stamped with its hash (``core.sidecars``); ``python -m core.runs migrate RUN_DIR`` writes them
@@ -40,6 +40,7 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 SUMMARY_FILE = "run.json"
 DATASET_FILE = "dataset.json"
 CHECKPOINT_FILE = "best.pt"
+SERVING_FILE = "serving.json"
 SEVERITIES = ("high", "medium", "low", "info")
 """Finding severities, most severe first (``metrics.json["findings"][i]["severity"]``)."""
 
@@ -101,8 +102,9 @@ def predictor_files(checkpoint: str | Path) -> tuple[tuple[str, float], ...]:
     checkpoint and every sidecar beside it named like it (``best.*``: the calibration, OOD
     and int8 sidecars of ``core.sidecars`` among them), sorted by path.
 
-    The dashboard keys its cached predictor on this, so a retrained checkpoint or a refitted
-    sidecar (recalibrated, new OOD cut-offs, an int8 network added) is loaded again. Raises
+    The dashboard keys its cached predictor on this, so a retrained checkpoint, a refitted
+    sidecar (recalibrated, new OOD cut-offs, an int8 graph added) or a new ``serving.json``
+    (which precision serves) is loaded again. Raises
     :class:`core.errors.CheckpointError` when the checkpoint is absent.
     """
     checkpoint = Path(checkpoint)
@@ -114,19 +116,24 @@ def predictor_files(checkpoint: str | Path) -> tuple[tuple[str, float], ...]:
     files = {checkpoint, *sidecars.sidecar_files(checkpoint),
              *(p for p in checkpoint.parent.glob(f"{checkpoint.stem}.*")
                if p.is_file() and not p.name.endswith(".tmp"))}
+    if (checkpoint.parent / SERVING_FILE).is_file():
+        files.add(checkpoint.parent / SERVING_FILE)
     return tuple(sorted((str(p), p.stat().st_mtime) for p in files))
 
 
-def serving(int8_stored: bool) -> dict[str, str]:
-    """How ``core.inference.Predictor`` (``backend="auto"``) serves a run on a CPU: the run's
-    int8 network, with close calls re-computed in fp32, when one is stored (and its engine
-    is in the torch build), else the fp32 network (TorchScript, BatchNorm folded). Pure:
-    needs no torch."""
-    if int8_stored:
-        return {"runtime": "torch", "network": "int8", "precision": "int8",
-                "text": "int8 network (close calls in fp32) on the CPU"}
-    return {"runtime": "torch", "network": "fp32", "precision": "fp32",
-            "text": "fp32 network on the CPU"}
+def serving(check: dict[str, Any] | None, weights_sha256: str | None = None) -> dict[str, str]:
+    """How ``core.inference.Predictor`` serves a run on a CPU with its default settings: the
+    exported graph on ONNX Runtime (``core.network.DEFAULT_RUNTIME``), int8 when the run's
+    check (``serving.json``, of these weights) passed for it, else fp32. Pure: needs no
+    torch."""
+    checks = (check or {}).get("checks", {})
+    current = check is not None and (weights_sha256 is None
+                                     or check.get("weights_sha256") == weights_sha256)
+    if current and checks.get("onnx-int8", {}).get("passed"):
+        return {"runtime": "onnx", "network": "onnx-int8", "precision": "int8",
+                "text": "int8 graph on ONNX Runtime (passed its check against fp32)"}
+    return {"runtime": "onnx", "network": "onnx-fp32", "precision": "fp32",
+            "text": "fp32 graph on ONNX Runtime (the same decisions as PyTorch fp32)"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +153,7 @@ class RunArtifacts:
     report: dict[str, Any] | None
     predictions: Any  # pandas.DataFrame | None: the per-image records of the test split
     dataset: dict[str, Any] | None
-    int8: dict[str, Any] | None
+    serving_check: dict[str, Any] | None  # serving.json
     missing: tuple[str, ...] = field(default_factory=tuple)
 
     # -- what the checkpoint summary says, with the report and config as fall-backs
@@ -235,15 +242,9 @@ class RunArtifacts:
         return None if value is None else float(value)
 
     @property
-    def int8_stored(self) -> bool:
-        if self.summary and "int8_stored" in self.summary:
-            return bool(self.summary["int8_stored"])
-        return bool((self.int8 or {}).get("stored"))
-
-    @property
     def serving(self) -> dict[str, str]:
         """How the predictor serves this run on a CPU (:func:`serving`)."""
-        return dict(self._get("serving") or serving(self.int8_stored))
+        return dict(self._get("serving") or serving(self.serving_check, self.weights_sha256))
 
     @property
     def data_dir(self) -> str | None:
@@ -270,7 +271,7 @@ class RunArtifacts:
 
 
 def _missing(run_dir: Path, summary: Any, report: Any, predictions: Any, dataset: Any,
-             int8: Any, data_dir: str | None) -> list[str]:
+             serving_check: Any, data_dir: str | None) -> list[str]:
     """``"what: command"`` for each piece a page may need that the run folder lacks."""
     ckpt = run_dir / CHECKPOINT_FILE
     data = f" --data-dir {data_dir}" if data_dir else " --data-dir <dataset>"
@@ -286,8 +287,9 @@ def _missing(run_dir: Path, summary: Any, report: Any, predictions: Any, dataset
                    f"python -m core.evaluate --checkpoint {ckpt}{data}")
     if dataset is None:
         out.append(f"dataset summary (dataset.json): python -m core.runs dataset {run_dir}{data}")
-    if int8 is None:
-        out.append(f"int8 CPU network: python -m core.quantize {run_dir}{data}")
+    if serving_check is None:
+        out.append(f"serving graph and its precision check (serving.json): python -m "
+                   f"core.export {run_dir}{data}")
     return out
 
 
@@ -313,7 +315,7 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
         except (OSError, ValueError) as exc:  # half-written or damaged: shown as missing
             log.warning("Cannot read %s: %s", csv, exc)
     dataset = _read_optional(run_dir / DATASET_FILE)
-    int8 = _read_optional(run_dir / "int8.json")
+    serving_check = _read_optional(run_dir / SERVING_FILE)
     try:
         root = models_dir()
         name = run_dir.resolve().relative_to(root.resolve()).as_posix()
@@ -321,8 +323,9 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
         name = run_dir.name
     run = RunArtifacts(name=name, path=run_dir, checkpoint=run_dir / CHECKPOINT_FILE,
                        summary=summary, config=config, history=list(history), report=report,
-                       predictions=predictions, dataset=dataset, int8=int8)
-    missing = _missing(run_dir, summary, report, predictions, dataset, int8, run.data_dir)
+                       predictions=predictions, dataset=dataset, serving_check=serving_check)
+    missing = _missing(run_dir, summary, report, predictions, dataset, serving_check,
+                       run.data_dir)
     return replace(run, missing=tuple(missing))
 
 
@@ -340,22 +343,21 @@ def summarise(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     op = ckpt.get("operating_point")
     ood = ckpt.get("ood")
     low = ckpt.get("low_confidence")
-    int8_stored = ckpt.get("int8") is not None
+    sha = file_sha256(best)
     doc = {
         "classes": [str(c) for c in ckpt["classes"]],
         "arch": str(ckpt.get("arch", "")),
         "preprocess": dict(ckpt.get("preprocess") or {}),
         "epoch": ckpt.get("epoch"),
         "created": ckpt.get("created"),
-        "weights_sha256": file_sha256(best),
+        "weights_sha256": sha,
         "temperature": None if temperature is None else float(temperature),
         "operating_point": None if op is None else {
             k: (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
             for k, v in op.items()},
         "ood_threshold": None if ood is None else float(ood["threshold"]),
         "low_confidence_threshold": None if low is None else float(low["threshold"]),
-        "int8_stored": int8_stored,
-        "serving": serving(int8_stored),
+        "serving": serving(_read_optional(run_dir / SERVING_FILE), sha),
     }
     if write:
         write_json(run_dir / SUMMARY_FILE, doc)

@@ -8,7 +8,7 @@ those weights goes into sidecar files named like it, each recording the SHA-256 
 | --- | --- | --- | --- |
 | ``best.calibration.json`` | ``temperature``, ``operating_point`` | ``core.calibration.recalibrate_checkpoint`` | ``python -m core.evaluate --checkpoint RUN/best.pt --data-dir DATA --calibrate`` |
 | ``best.ood.safetensors`` | ``ood`` (Mahalanobis statistics: tensors, the rest as JSON metadata), ``low_confidence`` | ``core.ood.calibrate_run_ood`` | the same command |
-| ``best.int8.pt`` | ``int8`` (the observers' statistics, ``weights_only``) | ``core.quantize.calibrate_run_int8`` | ``python -m core.quantize RUN --data-dir DATA`` |
+| ``best.int8.pt`` | ``int8``: earlier versions' FX int8 statistics, read only so that the predictor can say it ignores them (the int8 network is now ``best.int8.onnx``, :mod:`core.export`) | earlier versions | ``python -m core.export RUN --data-dir DATA`` |
 
 :func:`load_run_checkpoint` is the one place that reads them: it returns the checkpoint dict
 with those keys merged in from sidecars whose hash matches ``best.pt``, and raises
@@ -67,7 +67,7 @@ def refit_command(checkpoint: str | Path, part: str, data_dir: str | None = None
     checkpoint = Path(checkpoint)
     data = data_dir or "<dataset>"
     if part == "int8":
-        return f"python -m core.quantize {checkpoint.parent} --data-dir {data}"
+        return f"python -m core.export {checkpoint.parent} --data-dir {data}"
     return f"python -m core.evaluate --checkpoint {checkpoint} --data-dir {data} --calibrate"
 
 
@@ -122,7 +122,8 @@ def write_ood(checkpoint: str | Path, stats: Mapping[str, Any],
 
 
 def write_int8(checkpoint: str | Path, state: Mapping[str, Any], *, weights_sha256: str) -> Path:
-    """``best.int8.pt``: the int8 block (:mod:`core.quantize`), loadable with ``weights_only``."""
+    """``best.int8.pt``: an earlier version's int8 block (migrated runs), loadable with
+    ``weights_only``; the predictor loads and ignores it, with a note."""
     from core.model import save_checkpoint
 
     checkpoint = Path(checkpoint)

@@ -576,10 +576,11 @@ def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) 
     The rank-0 process writes ``dataset.json`` from the manifest before training. With
     ``cfg.train.evaluate`` (the default) it then finishes the run
     (``core.evaluate.finalize_run``): temperature and operating point on validation, the OOD
-    and low-confidence cut-offs on validation (``core.ood``), with ``cfg.train.int8`` (the
-    default) the int8 CPU network (``core.quantize``), and last the test report, whose
-    per-image records carry the OOD and low-confidence flags. It ends by writing the
-    checkpoint summary ``run.json`` (``core.runs.summarise``) of the final ``best.pt``.
+    and low-confidence cut-offs on validation (``core.ood``), with ``cfg.train.export`` (the
+    default) the serving graph exported beside ``best.pt`` and the check of which reduced
+    precisions may serve (``core.export``), and last the test report, whose per-image
+    records carry the OOD and low-confidence flags. It ends by writing the checkpoint
+    summary ``run.json`` (``core.runs.summarise``) of the final ``best.pt``.
     """
     trainer = Trainer(cfg, progress=progress)
     try:
@@ -592,7 +593,7 @@ def fit(cfg: RunConfig, on_step: StepHook | None = None, progress: bool = True) 
             from core import evaluate
 
             evaluate.finalize_run(best.parent, cfg.data.data_dir, device=str(trainer.device),
-                                  progress=progress, int8=cfg.train.int8)
+                                  progress=progress, export=cfg.train.export)
         runs.summarise(best.parent)
     return best
 
@@ -683,8 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from <output>/last.pt")
     g.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip calibration and the test report at the end")
-    g.add_argument("--no-int8", dest="int8", action="store_false",
-                   help="skip the int8 CPU network (core.quantize) at the end")
+    g.add_argument("--no-export", dest="export", action="store_false",
+                   help="skip the serving graph (best.onnx) and the reduced-precision check "
+                   "(core.export) at the end; the predictor exports the graph on first load")
     g.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--progress-file", default=None,
                    help="write step progress (epoch, step, images/s, ETA) to this JSON file "
@@ -716,7 +718,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         weighted_sampler=args.weighted_sampler, early_stop_patience=args.early_stop_patience,
         feature_cache_views=args.feature_cache_views, workers=args.workers, device=args.device,
         precision=args.precision, channels_last=args.channels_last, seed=args.seed,
-        resume=args.resume, evaluate=args.evaluate, int8=args.int8,
+        resume=args.resume, evaluate=args.evaluate, export=args.export,
         max_steps_per_epoch=args.max_steps_per_epoch,
     )
     return RunConfig(data=data, preprocess=pre, augment=aug, train=train)

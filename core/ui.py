@@ -77,7 +77,7 @@ def _load_run(path: str, stamp: tuple[float, ...]) -> runs.RunArtifacts:
 
 
 def _stamp(run_dir: Path) -> tuple[float, ...]:
-    files = ("best.pt", "run.json", "config.json", "history.json", "dataset.json", "int8.json",
+    files = ("best.pt", "run.json", "config.json", "history.json", "dataset.json", "serving.json",
              "report/metrics.json", "report/predictions.csv")
     return tuple((run_dir / f).stat().st_mtime if (run_dir / f).exists() else 0.0 for f in files)
 

@@ -107,9 +107,10 @@ SMALL_CLASSES = ("COVID", "Normal", "Viral Pneumonia")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete small run, built once per pytest run in seconds, with no real data needed:
     a ResNet18 trained for 2 epochs at 64 px on synthetic images laid out like the database
-    (three of its classes), with every finishing step (calibration, test report, OOD and
-    int8 statistics). For tests of what is shown, not of what is learnt. Returns the run
-    folder, ``<tmp>/models/small``: point ``CXR_MODELS_DIR`` at its parent. Don't modify it.
+    (three of its classes), with every finishing step (calibration, test report, OOD
+    statistics, the exported serving graph and its precision check). For tests of what is
+    shown, not of what is learnt. Returns the run folder, ``<tmp>/models/small``: point
+    ``CXR_MODELS_DIR`` at its parent. Don't modify it.
     """
     from core.config import DataConfig, PreprocessConfig, RunConfig, TrainConfig
     from core.train import fit

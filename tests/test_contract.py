@@ -50,7 +50,7 @@ def test_training_evaluation_and_inference_give_the_same_tensor(view, linked_dat
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": "resnet18",
             "dropout": 0.0, "classes": list(trainer.classes), "preprocess": to_dict(pp),
             "state_dict": model.state_dict()}
-    predictor = Predictor(ckpt, backend="fused")
+    predictor = Predictor(ckpt, runtime="torch")
     evaluation = evaluation_dataset(linked_dataset, rows, trainer.classes, pp)
 
     for i, row in enumerate(rows):

@@ -449,7 +449,7 @@ def test_records_agree_with_the_report_and_the_predictor(synthetic_run: SmallRun
     # OOD: the flag is the score above the checkpoint's cut-off, and the score is the
     # predictor's for the same file (the fp32 network, an independent code path)
     assert (rec["ood"] == (rec["ood_score"] > ckpt["ood"]["threshold"])).all()
-    predictor = Predictor(ckpt, device="cpu", backend="eager", precision="fp32")
+    predictor = Predictor(ckpt, device="cpu", runtime="torch", precision="fp32")
     for _, row in rec.head(6).iterrows():
         got = predictor.predict(run.data_dir / row["path"])
         assert got.ood_score == pytest.approx(row["ood_score"], rel=1e-4)

@@ -28,7 +28,7 @@ from core.predict import main as predict_main
 from tests.conftest import blob_image, write_png
 
 CLASSES = ["COVID", "Normal", "Viral Pneumonia"]
-FAST = "fused"  # builds in a fraction of the default (TorchScript) backend's time
+FAST = "torch"  # eager: no export (the default runtime's graph is exported once, ~20 s here)
 
 
 def make_ckpt(seed: int = 0, img_size: int = 64, **extra: object) -> dict:
@@ -63,7 +63,7 @@ def constant_ckpt(probs: tuple[float, ...], temperature: float, **extra: object)
 
 
 def const_predictor(probs: tuple[float, ...], temperature: float, **extra: object) -> Predictor:
-    return Predictor(constant_ckpt(probs, temperature, **extra), backend=FAST)
+    return Predictor(constant_ckpt(probs, temperature, **extra), runtime=FAST)
 
 
 def xray_like(seed: int = 0, shape: tuple[int, int] = (96, 80)) -> np.ndarray:
@@ -144,7 +144,7 @@ def test_predict_batch_can_return_errors_in_place(predictor):
 
 def test_temperature_is_applied_to_the_probabilities():
     t = 2.5
-    calibrated = Predictor(make_ckpt(temperature=t), backend="eager")
+    calibrated = Predictor(make_ckpt(temperature=t), runtime="torch")
     img = xray_like(3)
     x = calibrated.prepare(img).x[None]
     from core.model import model_from_checkpoint
@@ -205,17 +205,17 @@ def test_ood_flag_and_score_follow_the_stored_statistics(predictor):
     val = {k: v[8:] for k, v in feats.items()}
     stats = ood.fit_ood(train, np.arange(8) % 3, val, dim=4)
     assert stats["layer_names"] == list(ood.LAYERS)
-    p_in = Predictor(make_ckpt(ood=stats), backend=FAST)
+    p_in = Predictor(make_ckpt(ood=stats), runtime=FAST)
     preds = p_in.predict_batch(imgs)
     expected = ood.ood_score(stats, feats)
     assert [p.ood_score for p in preds] == pytest.approx(expected, rel=1e-3)
     assert all(p.ood == (p.ood_score > stats["threshold"]) for p in preds)
     assert all(p.ood_available and p.ood_threshold == stats["threshold"] for p in preds)
-    flag_all = Predictor(make_ckpt(ood={**stats, "threshold": -1.0}), backend=FAST)
+    flag_all = Predictor(make_ckpt(ood={**stats, "threshold": -1.0}), runtime=FAST)
     assert all(p.ood for p in flag_all.predict_batch(imgs[:3]))
     # Statistics fitted on one plain array are those of the head's input (pooled layer4).
     single = ood.fit_ood(train["layer4"], np.arange(8) % 3, val["layer4"], dim=4)
-    p1 = Predictor(make_ckpt(ood=single), backend=FAST).predict(imgs[0])
+    p1 = Predictor(make_ckpt(ood=single), runtime=FAST).predict(imgs[0])
     assert p1.ood_score == pytest.approx(ood.ood_score(single, feats["layer4"][:1])[0], rel=1e-3)
 
 
@@ -237,7 +237,7 @@ def test_calibrate_run_ood_stores_cut_offs_beside_the_checkpoint(tiny_dataset, t
     assert back["ood"]["threshold"] == out["ood"]["threshold"]
     assert back["low_confidence"]["temperature"] == 1.5 and back["low_confidence"]["calibrated"]
     assert 0 < back["low_confidence"]["threshold"] <= 1
-    p = Predictor.from_checkpoint(run / "best.pt", backend=FAST).predict(tiny_dataset / "A" / "A-0.png")
+    p = Predictor.from_checkpoint(run / "best.pt", runtime=FAST).predict(tiny_dataset / "A" / "A-0.png")
     assert p.ood_available and p.low_confidence_available
     assert not any("unavailable" in n or "not calibrated" in n for n in p.notes)
     assert math.isfinite(p.ood_score)
@@ -288,7 +288,7 @@ def test_explain_returns_maps_at_the_original_resolution_of_a_non_square_image(p
 
 
 def test_fast_gradcam_equals_core_gradcam_forward_with_cam(predictor):
-    """The predictor's CAM (fused/frozen network) equals gradcam.forward_with_cam on the
+    """The predictor's CAM (the exported graph's layer4 output) equals gradcam.forward_with_cam on the
     network as trained, mapped back the same way."""
     from core.model import model_from_checkpoint
 
@@ -303,19 +303,21 @@ def test_fast_gradcam_equals_core_gradcam_forward_with_cam(predictor):
     assert e.target == CLASSES[int(logits.argmax())]
 
 
-def test_library_methods_reload_the_weights_of_a_frozen_predictor(tmp_path):
-    """backend jit keeps the weights only in the frozen graph; gradcam++ re-reads the file."""
+def test_library_methods_reload_the_weights_of_a_runtime_predictor(tmp_path):
+    """The runtime's graph holds the weights; gradcam++ re-reads them from the checkpoint
+    file, and refuses a file that changed since the predictor was loaded."""
     path = tmp_path / "best.pt"
     save_checkpoint(make_ckpt(seed=3), path)
-    frozen = Predictor.from_checkpoint(path, device="cpu", backend="jit")
+    served = Predictor.from_checkpoint(path, device="cpu", runtime="onnx")
+    assert served.network == "onnx-fp32"
     img = xray_like(6, (90, 100))
-    ref = Predictor(make_ckpt(seed=3), backend=FAST).explain(img, method="gradcam++")
-    got = frozen.explain(img, method="gradcam++")
+    ref = Predictor(make_ckpt(seed=3), runtime=FAST).explain(img, method="gradcam++")
+    got = served.explain(img, method="gradcam++")
     assert got.target == ref.target and np.abs(got.heatmap - ref.heatmap).max() < 1e-3
-    frozen2 = Predictor.from_checkpoint(path, device="cpu", backend="jit")
+    served2 = Predictor.from_checkpoint(path, device="cpu", runtime="onnx")
     save_checkpoint(make_ckpt(seed=4), path)  # retrained meanwhile
     with pytest.raises(CheckpointError, match="changed on disk"):
-        frozen2.explain(img, method="eigencam")
+        served2.explain(img, method="eigencam")
 
 
 def test_explain_batch_matches_explain(predictor):
@@ -377,7 +379,7 @@ def test_predict_cli_on_a_folder_with_a_corrupt_file(tmp_path, capsys):
     heat = tmp_path / "heat"
     rc = predict_main(["--checkpoint", str(ckpt_path), str(folder), "--csv", str(out_csv),
                        "--heatmaps", str(heat), "--no-progress", "--device", "cpu",
-                       "--backend", FAST])
+                       "--runtime", FAST])
     assert rc == 1  # some files failed; the rest were predicted
     with out_csv.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -390,7 +392,7 @@ def test_predict_cli_on_a_folder_with_a_corrupt_file(tmp_path, capsys):
     assert bad["error"] and not bad["label"]
     for r in good:
         assert r["error"] == "" and r["label"] in CLASSES and r["decision"] in CLASSES
-        assert r["network"] == "fp32"  # this checkpoint has no int8 network
+        assert r["network"] == "torch-fp32"  # the runtime and precision asked for
         assert sum(float(r[f"p_{c}"]) for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
         with Image.open(r["heatmap"]) as im:
             assert im.size == (110, 90) and im.mode == "RGB"
@@ -407,7 +409,8 @@ def test_predict_cli_help_and_bad_checkpoint(tmp_path, capsys):
         predict_main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for words in ("--checkpoint", "--csv", "--heatmaps", "--method", "--device", "output"):
+    for words in ("--checkpoint", "--csv", "--heatmaps", "--method", "--device", "output",
+                  "--runtime", "--precision", "onnx", "int8"):
         assert words in out
     rc = predict_main(["--checkpoint", str(tmp_path / "missing.pt"), str(tmp_path),
                        "--csv", str(tmp_path / "x.csv"), "--no-progress"])

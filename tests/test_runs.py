@@ -54,10 +54,11 @@ def test_run_json_describes_the_final_checkpoint(small_run: Path) -> None:
     assert summary["operating_point"] == ckpt["operating_point"]
     assert summary["ood_threshold"] == pytest.approx(ckpt["ood"]["threshold"])
     assert summary["low_confidence_threshold"] == pytest.approx(ckpt["low_confidence"]["threshold"])
-    int8 = json.loads((small_run / "int8.json").read_text())
-    assert summary["int8_stored"] is int8["stored"] is ("int8" in ckpt)
-    assert summary["serving"]["network"] == ("int8" if int8["stored"] else "fp32")
-    assert summary["serving"]["runtime"] == "torch"
+    check = json.loads((small_run / "serving.json").read_text())
+    assert check["weights_sha256"] == summary["weights_sha256"]
+    int8 = check["checks"]["onnx-int8"]["passed"]
+    assert summary["serving"]["network"] == ("onnx-int8" if int8 else "onnx-fp32")
+    assert summary["serving"]["runtime"] == "onnx"
 
     run = runs.load_run(small_run)
     assert run.weights_sha256 == summary["weights_sha256"]
@@ -129,13 +130,14 @@ def test_runs_are_found_at_any_depth(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert run.report is None and run.summary is None and run.predictions is None
     whats = [m.split(":", 1)[0] for m in run.missing]
     assert whats == ["checkpoint summary (run.json)", "evaluation report",
-                     "dataset summary (dataset.json)", "int8 CPU network"]
+                     "dataset summary (dataset.json)",
+                     "serving graph and its precision check (serving.json)"]
     assert all(": python -m core." in m for m in run.missing)
     with pytest.raises(CheckpointError):
         runs.load_run(models / "empty")
 
 
-def test_older_runs_fall_back_to_report_and_int8_json(small_run: Path, tmp_path: Path) -> None:
+def test_older_runs_fall_back_to_report_and_serving_json(small_run: Path, tmp_path: Path) -> None:
     run_dir = copy_run(small_run, tmp_path / "old")
     (run_dir / "run.json").unlink()
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
@@ -146,8 +148,10 @@ def test_older_runs_fall_back_to_report_and_int8_json(small_run: Path, tmp_path:
     assert run.weights_sha256 == report["run"]["checkpoint_sha256"]
     assert run.operating_point["threshold"] == report["operating_point"]["threshold"]
     assert run.ood_threshold is None  # only the checkpoint (and run.json) know it
-    int8 = json.loads((run_dir / "int8.json").read_text())
-    assert run.serving == runs.serving(int8["stored"])
+    check = json.loads((run_dir / "serving.json").read_text())
+    assert run.serving == runs.serving(check, report["run"]["checkpoint_sha256"])
+    stale = runs.serving({**check, "weights_sha256": "0" * 64}, report["run"]["checkpoint_sha256"])
+    assert stale["network"] == "onnx-fp32"  # a check of other weights does not count
     assert run.findings == [{"id": "finding-0", "severity": "info",
                              "text": "a plain-string finding of an older report"}]
     assert [m.split(":", 1)[0] for m in run.missing] == ["checkpoint summary (run.json)"]
@@ -271,12 +275,13 @@ def test_dataset_cli_rebuilds_dataset_json_from_the_manifest(small_run: Path,
 def test_predictor_files_lists_the_checkpoint_and_its_sidecars(tmp_path: Path) -> None:
     ckpt = tmp_path / "best.pt"
     ckpt.write_bytes(b"w")
-    (tmp_path / "best.int8.json").write_text("{}")
+    (tmp_path / "best.int8.onnx").write_bytes(b"graph")
+    (tmp_path / "serving.json").write_text("{}")
     (tmp_path / "history.json").write_text("[]")  # not read by the predictor
     (tmp_path / ".best.pt.abc.tmp").write_bytes(b"half-written")
     os.utime(ckpt, (1_000_000, 1_000_000))
     stamp = runs.predictor_files(ckpt)
-    assert [Path(p).name for p, _ in stamp] == ["best.int8.json", "best.pt"]
+    assert [Path(p).name for p, _ in stamp] == ["best.int8.onnx", "best.pt", "serving.json"]
     assert dict(stamp)[str(ckpt)] == 1_000_000
     os.utime(ckpt, (2_000_000, 2_000_000))  # a rewritten checkpoint gives another key
     assert dict(runs.predictor_files(ckpt))[str(ckpt)] == 2_000_000

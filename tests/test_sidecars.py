@@ -51,8 +51,11 @@ def test_a_full_fit_leaves_best_pt_as_trained_and_every_hash_names_it(small_run:
 
     with safe_open(str(small_run / "best.ood.safetensors"), "pt") as fh:
         assert fh.metadata()["weights_sha256"] == sha
-    if summary["int8_stored"]:
-        assert torch.load(small_run / "best.int8.pt", weights_only=True)["weights_sha256"] == sha
+    # the serving graph and its precision check name the same weights
+    from core import export
+
+    assert export.is_current(small_run / "best.onnx", sha)
+    assert json.loads((small_run / "serving.json").read_text())["weights_sha256"] == sha
     # what the finish fitted is what a loader gets back
     ckpt = sidecars.load_run_checkpoint(best)
     assert ckpt["temperature"] == pytest.approx(summary["temperature"]) == cal["temperature"]
@@ -115,7 +118,7 @@ def test_an_older_run_with_calibration_inside_best_pt_loads_and_migrates(small_r
     save_checkpoint(fitted, run / "best.pt")  # how runs were stored before the sidecars
     for f in sidecars.sidecar_files(run / "best.pt"):
         f.unlink()
-    old = Predictor.from_checkpoint(run / "best.pt", device="cpu", backend="jit")
+    old = Predictor.from_checkpoint(run / "best.pt", device="cpu", runtime="torch")
     assert old.temperature == pytest.approx(fitted["temperature"])
     assert old.operating_point == fitted["operating_point"]
     assert old.ood_threshold == pytest.approx(fitted["ood"]["threshold"])

@@ -172,23 +172,43 @@ def test_train_real_from_scratch_learns(trained_run):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_every_finishing_step_runs_at_each_precision(tmp_path, precision):
-    """Training's whole finish (calibration, test report, OOD statistics, int8 check) at
-    ``--precision fp32`` and ``bf16`` on this CPU, whichever kind it is: the bf16 path used to
-    fail on CPUs with native bf16 (``backend='jit' does not take bf16``), the fp32 path on
-    none. The default predictor then serves fp32 (or the checked int8 network) on every CPU,
-    and an explicit bf16 predictor still works."""
+    """Training's whole finish (calibration, test report, OOD statistics, the exported graph
+    and the reduced-precision check) at ``--precision fp32`` and ``bf16`` on this CPU,
+    whichever kind it is: the bf16 path used to fail on CPUs with native bf16. Then each
+    precision path through the predictor: the default serves the exported graph at fp32
+    unless a reduced precision passed the check, torch fp32 and the runtime's fp32 agree,
+    and bf16 (torch autocast; OpenVINO where the CPU has native bf16) still answers."""
+    from core import export
+    from core.devices import cpu_has_native_bf16
     from core.inference import Predictor
 
     data = make_dataset(tmp_path / "ds", per_class=16)
     best = fit(tiny_cfg(data, tmp_path / "run", epochs=1, precision=precision, evaluate=True,
-                        int8=True), progress=False)
+                        export=True), progress=False)
     assert (best.parent / "report" / "metrics.json").is_file()
-    ckpt = load_checkpoint(best)
+    from core.sidecars import load_run_checkpoint
+
+    ckpt = load_run_checkpoint(best)  # calibration and OOD statistics live in sidecars
     assert ckpt.get("ood") is not None and ckpt.get("temperature") is not None
+    assert export.is_current(best.with_suffix(".onnx"), export.file_sha256(best))
+    serving = json.loads((best.parent / export.SERVING_FILE).read_text())
+    assert serving["weights_sha256"] == export.file_sha256(best)
+    fp32 = serving["checks"]["onnx-fp32"]  # recorded; its threshold sits on a validation score
+    assert fp32["top1_agreement"] == 1.0 and fp32["max_abs_dp"] < 1e-4
     default = Predictor.from_checkpoint(best, device="cpu")
-    assert default.amp_dtype is None  # the same answer on CPUs with and without native bf16
-    assert default.backend in ("jit", "int8")
-    explicit = Predictor.from_checkpoint(best, device="cpu", backend="fused", precision="bf16")
-    assert explicit.amp_dtype == torch.bfloat16
-    image = next((data / "A").glob("*.png")).read_bytes()
-    assert set(explicit.predict(image).probabilities) == set(default.classes)
+    passed = [k for k, c in serving["checks"].items() if c.get("passed") and not k.endswith("fp32")]
+    want = [f"onnx-{p}" for p in ("bf16", "int8") if f"onnx-{p}" in passed][:1] or ["onnx-fp32"]
+    assert default.network == want[0]
+    torch32 = Predictor.from_checkpoint(best, device="cpu", runtime="torch", precision="fp32")
+    explicit = Predictor.from_checkpoint(best, device="cpu", runtime="torch", precision="bf16")
+    assert torch32.network == "torch-fp32" and explicit.network == "torch-bf16"
+    images = [p.read_bytes() for p in sorted((data / "A").glob("*.png"))[:4]]
+    for image in images:
+        a, b = torch32.predict(image), default.predict(image)
+        if default.network == "onnx-fp32":
+            assert a.label == b.label and a.decision == b.decision
+            assert max(abs(a.probabilities[c] - b.probabilities[c]) for c in a.classes) < 1e-4
+        assert set(explicit.predict(image).probabilities) == set(default.classes)
+    if cpu_has_native_bf16():
+        ov = Predictor.from_checkpoint(best, device="cpu", runtime="openvino", precision="bf16")
+        assert ov.network == "openvino-bf16" and ov.predict(images[0]).label in default.classes

@@ -1,0 +1,181 @@
+"""The exported serving graph (core.export) and the network interface (core.network):
+the sidecar and its hash, fp32 agreement with PyTorch on real decisions, the
+reduced-precision check, old int8 blocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import export
+from core import network as net
+from core.data import load_manifest
+from core.inference import Predictor
+from core.model import load_checkpoint, save_checkpoint
+from tests.test_inference import make_ckpt, xray_like
+
+
+def test_sidecar_records_the_weights_hash_and_is_rebuilt_when_it_does_not_match(tmp_path):
+    best = tmp_path / "best.pt"
+    save_checkpoint(make_ckpt(seed=1), best)
+    served = Predictor.from_checkpoint(best, device="cpu", runtime="onnx")
+    graph = tmp_path / "best.onnx"
+    meta = export.graph_metadata(graph)
+    assert meta["weights_sha256"] == export.file_sha256(best)
+    assert json.loads(meta["stage_widths"]) == [64, 128, 256, 512]  # resnet18's stages
+    stamp = graph.stat().st_mtime_ns
+    assert export.ensure_graph(best) == graph and graph.stat().st_mtime_ns == stamp  # current
+    img = xray_like(2, (90, 100))
+    before = served.predict(img)
+    save_checkpoint(make_ckpt(seed=2), best)  # retrained: the old graph must not serve
+    assert not export.is_current(graph, export.file_sha256(best))
+    again = Predictor.from_checkpoint(best, device="cpu", runtime="onnx")
+    assert export.graph_metadata(graph)["weights_sha256"] == export.file_sha256(best)
+    ref = Predictor(make_ckpt(seed=2), runtime="torch").predict(img)
+    got = again.predict(img)
+    assert got.network == "onnx-fp32" and got.label == ref.label
+    assert max(abs(got.probabilities[c] - ref.probabilities[c]) for c in ref.classes) < 1e-4
+    assert got.probabilities != before.probabilities
+    graph.write_bytes(b"not an onnx file")  # a damaged sidecar is exported again too
+    assert export.ensure_graph(best) == graph and export.is_current(graph, export.file_sha256(best))
+
+
+def test_one_pass_gives_logits_layer4_and_the_pooled_stages_that_ood_scores():
+    from core import ood
+    from core.model import model_from_checkpoint
+
+    ckpt = make_ckpt(seed=5)
+    model = model_from_checkpoint(ckpt)
+    x = torch.randn(3, 3, 64, 64)
+    runtime = net.RuntimeNetwork(export.export_graph(model, 64), net.stage_widths(model), "onnx",
+                                 "fp32")
+    out = runtime(x)
+    with torch.inference_mode():
+        logits = model(x)
+        pooled = ood.pooled_layer_features(model, x)
+    assert torch.allclose(out.logits, logits, atol=1e-4)
+    assert out.layer4.shape == (3, 512, 2, 2)
+    for name in ood.LAYERS:
+        assert np.allclose(out.pooled[name], pooled[name].numpy(), atol=1e-4)
+
+
+def test_an_old_int8_block_is_loaded_and_ignored_with_a_note():
+    ckpt = make_ckpt(int8={"engine": "onednn", "graph": 2, "observers": {"x": torch.zeros(1)}})
+    p = Predictor(ckpt, runtime="torch")
+    pred = p.predict(xray_like(1))
+    assert export.OLD_INT8_NOTE in pred.notes and pred.network == "torch-fp32"
+
+
+def test_runtime_and_precision_choices_are_checked():
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="runtime="):
+        Predictor(make_ckpt(), runtime="jit")
+    with pytest.raises(ConfigError, match="int8"):
+        Predictor(make_ckpt(), runtime="torch", precision="int8")
+    with pytest.raises(ConfigError, match="not served by runtime='onnx'"):
+        Predictor(make_ckpt(), runtime="onnx", precision="bf16")
+
+
+def test_the_check_counts_screening_decisions_not_only_the_top_class():
+    """A change across the screening threshold with the top class unchanged fails the check."""
+    ckpt = {"classes": ["COVID", "Normal", "Viral Pneumonia"], "temperature": 1.0,
+            "operating_point": {"class": "COVID", "threshold": 0.2}}
+    ref = {"logits": np.log(np.array([[0.21, 0.70, 0.09]] + [[0.1, 0.1, 0.8]] * 199)),
+           "pooled": {}}
+    cand = {"logits": np.log(np.array([[0.19, 0.72, 0.09]] + [[0.1, 0.1, 0.8]] * 199)),
+            "pooled": {}}
+    c = export.compare(ref, cand, ckpt)
+    assert c["top1_agreement"] == 1.0 and c["screening_changes"] == 1
+    assert c["decision_changes"] == 1 and not c["passed"]
+    same = export.compare(ref, ref, ckpt)
+    assert same["passed"] and same["decision_changes"] == 0 and same["max_abs_dp"] == 0.0
+
+
+def _split_images(run_dir: Path, data_dir: Path, split: str) -> list[bytes]:
+    rows = load_manifest(run_dir / "manifest.csv", data_dir).split(split)
+    return [(data_dir / r["path"]).read_bytes() for r in rows]
+
+
+def assert_fp32_runtime_keeps_pytorch_decisions(best: Path, data_dir: Path) -> None:
+    """On the run's test split: top-1 agreement 100 %, identical operating-point decisions
+    and flags, probabilities within 1e-3, between the default predictor and PyTorch fp32."""
+    images = _split_images(best.parent, data_dir, "test")
+    assert len(images) >= 9  # the small run's test split holds 9
+    default = Predictor.from_checkpoint(best, device="cpu", precision="fp32")
+    assert default.network == f"{net.DEFAULT_RUNTIME}-fp32"
+    eager = Predictor.from_checkpoint(best, device="cpu", runtime="torch", precision="fp32")
+    a, b = eager.predict_batch(images), default.predict_batch(images)
+    assert [p.label for p in a] == [p.label for p in b]
+    assert [p.decision for p in a] == [p.decision for p in b]
+    assert [p.ood for p in a] == [p.ood for p in b]
+    assert [p.low_confidence for p in a] == [p.low_confidence for p in b]
+    dp = max(abs(p.probabilities[c] - q.probabilities[c]) for p, q in zip(a, b, strict=True)
+             for c in p.classes)
+    assert dp < 1e-3
+
+
+def test_fp32_runtime_keeps_pytorch_decisions_on_the_small_run(small_run):
+    data_dir = Path(json.loads((small_run / "config.json").read_text())["data"]["data_dir"])
+    assert_fp32_runtime_keeps_pytorch_decisions(small_run / "best.pt", data_dir)
+
+
+@pytest.mark.slow
+def test_fp32_runtime_keeps_pytorch_decisions_on_the_real_test_split(trained_run, real_dir):
+    assert_fp32_runtime_keeps_pytorch_decisions(trained_run, real_dir)
+
+
+def test_auto_precision_follows_the_check_for_these_weights(small_run, tmp_path):
+    """serving.json decides: a passed reduced precision serves, a failed one or one
+    checked on other weights does not."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "best.onnx", "best.calibration.json", "best.ood.safetensors",
+                 "manifest.csv", "config.json"):
+        shutil.copy2(small_run / name, run / name)  # best.onnx: exported by training's finish
+    data_dir = json.loads((run / "config.json").read_text())["data"]["data_dir"]
+    summary = export.check_reduced_precisions(run, data_dir, calibration_images=32)
+    assert summary["checks"]["onnx-fp32"]["passed"]
+    int8 = summary["checks"]["onnx-int8"]
+    assert set(int8) >= {"top1_agreement", "decision_changes", "ood_flag_agreement", "passed"}
+    assert int8["passed"] == (int8["top1_agreement"] >= 0.995 and int8["decision_changes"] == 0
+                              and int8["screening_changes"] == 0
+                              and int8["ood_flag_agreement"] >= 0.98)
+    best = run / "best.pt"
+    p = Predictor.from_checkpoint(best, device="cpu", runtime="onnx")
+    assert p.network == ("onnx-int8" if int8["passed"] else "onnx-fp32")
+    forced = json.loads((run / export.SERVING_FILE).read_text())
+    forced["checks"]["onnx-int8"]["passed"] = True
+    (run / export.SERVING_FILE).write_text(json.dumps(forced))
+    assert Predictor.from_checkpoint(best, device="cpu", runtime="onnx").network == "onnx-int8"
+    cal = run / "best.calibration.json"
+    original = cal.read_text()
+    doc = json.loads(original)
+    doc["operating_point"]["threshold"] = 0.5  # refit meanwhile: the check no longer holds
+    cal.write_text(json.dumps(doc))
+    assert Predictor.from_checkpoint(best, device="cpu", runtime="onnx").network == "onnx-fp32"
+    cal.write_text(original)
+    forced["weights_sha256"] = "0" * 64  # checked on other weights: fp32
+    (run / export.SERVING_FILE).write_text(json.dumps(forced))
+    assert Predictor.from_checkpoint(best, device="cpu", runtime="onnx").network == "onnx-fp32"
+    assert load_checkpoint(best)["classes"] == load_checkpoint(small_run / "best.pt")["classes"]
+
+
+def test_export_cli_help_and_run(small_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        export.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for words in ("run_dir", "--data-dir", "--no-check", "--force", "hash", "int8"):
+        assert words.lower() in out.lower()
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy2(small_run / "best.pt", run / "best.pt")
+    assert export.main([str(run), "--no-check"]) == 0
+    assert export.is_current(run / "best.onnx", export.file_sha256(run / "best.pt"))
+    assert export.main([str(tmp_path / "missing")]) == 2
