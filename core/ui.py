@@ -721,11 +721,13 @@ def use_app_navigation() -> None:
     server, Streamlit runs the first request in its legacy ``pages/``-folder mode, because
     Home.py's ``st.navigation`` has not run in this process yet: a deep link then shows the
     page without the app's grouped navigation and wide layout. This switches the process to
-    ``st.navigation`` and reruns, so Home.py routes the request (the browser test opens a
-    fresh server at a deep link). A no-op on every later run.
+    ``st.navigation`` and, on a page load (no widget state yet, so no click to lose), reruns
+    so that Home.py routes the request (the browser test opens a fresh server at a deep
+    link). A no-op on every later run.
     """
     from streamlit.runtime.pages_manager import PagesManager
 
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
-        st.rerun()
+        if len(st.session_state) == 0:  # a page load, not a click: a rerun loses nothing
+            st.rerun()

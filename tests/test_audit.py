@@ -735,7 +735,8 @@ def test_model_identity_from_a_predictor(small_run):
     ident = ModelIdentity.from_predictor(predictor)
     assert ident.weights_sha256 == hashlib.sha256((small_run / "best.pt").read_bytes()).hexdigest()
     assert ident.run_id == "small"  # the folder's name outside the models folder
-    assert ident.runtime.startswith(f"torch-{predictor.backend} on cpu")
+    assert ident.runtime == f"{predictor.network.rpartition('-')[0]} on cpu"
+    assert ident.precision == predictor.network.rpartition("-")[2]
     for part, value in (("calibration", ident.calibration_sha256),
                         ("ood", ident.statistics_sha256)):  # the sidecar files that answered
         sidecar = sidecar_path(small_run / "best.pt", part)
@@ -767,5 +768,5 @@ def test_an_api_caller_opts_in_with_audit_predict(small_run, tmp_path):
     assert [row[f"prob_{c}"] for c in predictor.classes] == pytest.approx(
         [prediction.probabilities[c] for c in predictor.classes])
     assert (row["height"], row["width"]) == prediction.original_size
-    assert row["precision"] == prediction.network
+    assert row["precision"] == prediction.network.rpartition("-")[2]  # e.g. fp32 of onnx-fp32
     assert "Zyxwv" not in dump_database(log.url)

@@ -170,7 +170,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.pg_url:
         url, drop = _pg_scratch(args.pg_url)
         targets.append((f"PostgreSQL ({db.describe(args.pg_url)})", url, drop))
-    print(f"Model: {origin}, backend {predictor.backend}; input: a 512 x 512 PNG phantom "
+    print(f"Model: {origin}, network {predictor.network}; input: a 512 x 512 PNG phantom "
           f"({len(png) / 1024:.0f} KiB); {args.repeats} interleaved predictions per database")
     header = (f"{'database':<52} {'predict':>9} {'+ log':>9} {'diff':>7} {'log p50':>8} "
               f"{'log p95':>8} {'rec/s 1':>8} {'rec/s 100':>10}")

@@ -174,7 +174,7 @@ class ModelIdentity:
     calibration_sha256: str | None
     statistics_sha256: str | None
     runtime: str | None
-    precision: str | None  # the predictor's (autocast dtype); a record's comes from its network
+    precision: str | None  # the predictor's; a record's comes from the network that answered it
     operating_class: str | None = None
     threshold: float | None = None
 
@@ -209,15 +209,15 @@ class ModelIdentity:
                                        "ood_threshold": float(predictor.ood_threshold),
                                        "low_confidence_threshold":
                                            float(predictor.low_confidence_threshold)})
-        amp = getattr(predictor, "amp_dtype", None)
+        # Predictor.network names the runtime and precision that answer, e.g. "onnx-fp32"
+        network = str(predictor.network)
+        runtime, _, precision = network.rpartition("-")
         device = getattr(predictor, "device", None)
-        runtime = getattr(predictor, "runtime", None) or f"torch-{predictor.backend}"
         if device is not None:
-            runtime = f"{runtime} on {getattr(device, 'type', device)}"
+            runtime = f"{runtime or network} on {getattr(device, 'type', device)}"
         return cls(run_id=run_id, weights_sha256=weights, calibration_sha256=calibration,
                    statistics_sha256=stats, runtime=str(runtime)[:64],
-                   precision=str(amp).removeprefix("torch.").replace("bfloat16", "bf16")
-                   .replace("float16", "fp16") if amp is not None else None,
+                   precision=precision or None,
                    operating_class=str(op["class"]) if op else None,
                    threshold=float(op["threshold"]) if op else None)
 
@@ -328,7 +328,7 @@ def prediction_row(prediction: Any, *, model: ModelIdentity, input_sha256: str |
             "probabilities": {str(k): float(v) for k, v in prediction.probabilities.items()},
             "confidence": float(prediction.confidence),
             "decision": prediction.decision,
-            "precision": model.precision or prediction.network,
+            "precision": prediction.network.rpartition("-")[2] or model.precision,
             "low_confidence": bool(prediction.low_confidence),
             "ood": bool(prediction.ood),
             "ood_score": _finite(prediction.ood_score),
