@@ -9,9 +9,7 @@ weights they carry their classes, preprocessing contract and decision thresholds
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from torch import nn
 
 from core.config import ARCHS, PreprocessConfig, from_dict
 from core.errors import CheckpointError, ConfigError, CXRError, WeightsUnavailableError
+from core.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +111,8 @@ def library_versions() -> dict[str, str]:
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def torch_load_file(path: str | Path, error: type[CXRError], what: str, hint: str) -> Any:

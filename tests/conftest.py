@@ -142,3 +142,22 @@ def no_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     empty.mkdir()
     monkeypatch.setenv("CXR_MODELS_DIR", str(empty))
     return empty
+
+
+@pytest.fixture
+def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty models folder for training-job tests (``CXR_MODELS_DIR``), with in-app
+    training allowed and no data root; a job's runner left behind is killed."""
+    import signal
+
+    from core import jobs
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    monkeypatch.setenv("CXR_MODELS_DIR", str(folder))
+    monkeypatch.delenv(jobs.ENV_ALLOW, raising=False)
+    monkeypatch.delenv(jobs.ENV_DATA_ROOT, raising=False)
+    yield folder
+    job = jobs.read_job(folder)  # never leave a runner behind
+    if job and job.get("pid") and jobs.pid_alive(job["pid"], runner=True):
+        os.killpg(job["pid"], signal.SIGKILL)

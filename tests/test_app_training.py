@@ -5,11 +5,8 @@ X-rays launched, followed, refreshed, cancelled, resumed and found as the active
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -21,19 +18,6 @@ from tests.test_app import run_page
 
 PAGE = "pages/training.py"
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
-
-
-@pytest.fixture
-def models(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "models"
-    folder.mkdir()
-    monkeypatch.setenv("CXR_MODELS_DIR", str(folder))
-    monkeypatch.delenv(jobs.ENV_ALLOW, raising=False)
-    monkeypatch.delenv(jobs.ENV_DATA_ROOT, raising=False)
-    yield folder
-    job = jobs.read_job(folder)
-    if job and job.get("pid") and jobs.pid_alive(job["pid"], runner=True):
-        os.killpg(job["pid"], signal.SIGKILL)
 
 
 def open_tab(timeout: float = 120) -> AppTest:

@@ -22,19 +22,6 @@ from tests.conftest import make_dataset, write_png
 SLEEP = [sys.executable, "-c", "import time; print('sleeping', flush=True); time.sleep(60)"]
 
 
-@pytest.fixture
-def models(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "models"
-    folder.mkdir()
-    monkeypatch.setenv("CXR_MODELS_DIR", str(folder))
-    monkeypatch.delenv(jobs.ENV_ALLOW, raising=False)
-    monkeypatch.delenv(jobs.ENV_DATA_ROOT, raising=False)
-    yield folder
-    job = jobs.read_job(folder)  # never leave a runner behind
-    if job and job.get("pid") and jobs.pid_alive(job["pid"], runner=True):
-        os.killpg(job["pid"], signal.SIGKILL)
-
-
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
