@@ -165,10 +165,11 @@ def test_train_on_real_xrays_from_the_app_cancel_resume_and_find_the_run_active(
     # the new run is the active model, with its report
     home = run_page("pages/home.py")
     assert not home.exception
-    assert home.subheader[0].value == "Model run: app-run"
+    assert any(m.value.startswith("**Run:** app-run") for m in home.markdown)
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
     accuracy = report["overall"]["accuracy"]["value"]
-    assert home.metric[0].value == f"{accuracy:.3f}"
+    assert home.metric[0].label == "Accuracy (test)"
+    assert home.metric[0].value == f"{100 * accuracy:.1f}%"
 
 
 FAKE_KAGGLEHUB = '''
