@@ -53,13 +53,13 @@ def test_a_changed_manifest_stops_every_reader_and_says_what_changed(small_run: 
     assert f"test: {n_test} -> {n_test + 1} images" in msg
     assert "val" not in msg.split("changed:")[1].split(".")[0]  # val is unchanged
     assert "--allow-manifest-change" in msg
-    # the same reader serves OOD and int8 calibration
-    from core import ood, quantize
+    # the same reader serves the OOD statistics and the reduced-precision check
+    from core import export, ood
 
     with pytest.raises(ManifestChangedError):
         ood.calibrate_run_ood(run, data, progress=False)
     with pytest.raises(ManifestChangedError):
-        quantize.calibrate_run_int8(run, data, progress=False)
+        export.check_reduced_precisions(run, data)
     # going on is explicit, and the warning says the same
     rows, notes = D.run_split_rows(run, data, ckpt, ("test",), allow_manifest_change=True)
     assert moved in {r["path"] for r in rows["test"]}
