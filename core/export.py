@@ -46,6 +46,7 @@ from torch import nn
 from core import network as net
 from core.devices import cpu_has_native_bf16, resolve_precision
 from core.errors import CheckpointError, ConfigError, CXRError
+from core.files import file_sha256
 from core.model import load_checkpoint, model_from_checkpoint, preprocess_config_of
 from core.runs import SERVING_FILE
 
@@ -58,16 +59,6 @@ MIN_OOD_AGREEMENT = 0.98
 DEFAULT_CALIBRATION_IMAGES = 128
 OLD_INT8_NOTE = ("This run holds an int8 block from an earlier version (FX quantisation); it is "
                  "ignored: the serving network is the exported graph (python -m core.export).")
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def graph_path(checkpoint: str | Path, precision: str = "fp32") -> Path:

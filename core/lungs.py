@@ -25,7 +25,6 @@ Research use only: not a medical device.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import runpy
@@ -42,6 +41,7 @@ from torch import nn
 from core.config import PreprocessConfig
 from core.devices import release_free_memory
 from core.errors import CheckpointError, InvalidImageError
+from core.files import file_sha256
 from core.model import torch_load_file
 from core.pixels import clahe, letterbox_box, resize, to_gray, to_uint8
 from core.unet import build_segmenter_model
@@ -70,15 +70,6 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _as_gray(gray: np.ndarray) -> np.ndarray:
