@@ -161,3 +161,17 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     job = jobs.read_job(folder)  # never leave a runner behind
     if job and job.get("pid") and jobs.pid_alive(job["pid"], runner=True):
         os.killpg(job["pid"], signal.SIGKILL)
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after
+    ``timeout`` seconds naming ``what``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import jobs
 from core.data import discover
-from tests.conftest import make_dataset, require_real
+from tests.conftest import make_dataset, require_real, wait_for
 from tests.test_app import run_page
 
 PAGE = "pages/training.py"
@@ -100,16 +99,6 @@ def test_paths_outside_the_data_root_are_refused_on_the_page(models, tmp_path, m
     assert train_button(at).disabled
     at.text_input(key="train_data_dir").set_value("mine").run()
     assert not at.error and "**3 classes, 21 images**" in texts(at)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow

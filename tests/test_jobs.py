@@ -10,26 +10,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from core import jobs, runs
 from core.errors import DatasetError, JobError, JobRunningError, TrainingDisabledError
-from tests.conftest import make_dataset, write_png
+from tests.conftest import make_dataset, wait_for, write_png
 
 SLEEP = [sys.executable, "-c", "import time; print('sleeping', flush=True); time.sleep(60)"]
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ended(models: Path, timeout: float = 60.0) -> jobs.JobStatus:
