@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core import recipes
+
 log = logging.getLogger(__name__)
 
 
@@ -445,72 +447,6 @@ def bench_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- lung views
-
-
-def add_lungviews_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="../shared/data/cxr-real",
-                   help="dataset to train and test on (default %(default)s)")
-    g.add_argument("--external-dir", default=None,
-                   help="an independent hospital's labelled images, evaluated by every run")
-    g.add_argument("--class-map", default=None, help="external class mapping (old=new,...)")
-    g = p.add_argument_group("training (the same for every view)")
-    g.add_argument("--views", default="none,crop,mask", help="lung views to compare")
-    g.add_argument("--img-size", type=int, default=128)
-    g.add_argument("--epochs", type=int, default=8)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weights", default="none", help="imagenet, none or a local state dict")
-    g.add_argument("--workers", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("output")
-    g.add_argument("--output", default="models/lungviews",
-                   help="one run folder per view is written under here (default %(default)s)")
-
-
-def bench_lungviews(args: argparse.Namespace) -> int:
-    """Train one ResNet50 per lung view (none, crop, mask) with identical settings and data
-    split, evaluate each (accuracy, occlusion probe, lung focus, optional external set) and
-    print the comparison table and the recommended default (``core.compare``)."""
-    from dataclasses import replace
-    from pathlib import Path
-
-    from core import compare, lungs
-    from core.config import DataConfig, PreprocessConfig, RunConfig, TrainConfig
-    from core.evaluate import evaluate, parse_class_map
-    from core.train import fit
-
-    out = Path(args.output)
-    runs = []
-    for view in [v.strip() for v in args.views.split(",") if v.strip()]:
-        pp = PreprocessConfig(img_size=args.img_size, lung_view=view)
-        if view != "none":
-            pp = replace(pp, segmenter_sha256=lungs.file_sha256(lungs.DEFAULT_SEGMENTER_PATH))
-        cfg = RunConfig(
-            data=DataConfig(data_dir=args.data_dir), preprocess=pp,
-            train=TrainConfig(output=str(out / view), arch="resnet50", weights=args.weights,
-                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              backbone_lr_mult=1.0, scheduler="cosine",
-                              early_stop_patience=args.epochs, workers=args.workers,
-                              seed=args.seed),
-        )
-        t0 = time.perf_counter()
-        best = fit(cfg, progress=False)  # trains, calibrates on val, writes report/ on test
-        log.info("lung view %s: trained and evaluated in %.0f s", view, time.perf_counter() - t0)
-        if args.external_dir:
-            evaluate(best, args.data_dir, "test", best.parent / "report",
-                     external_dir=args.external_dir, class_map=parse_class_map(args.class_map),
-                     progress=False)
-        runs.append(best.parent)
-    result = compare.compare(runs)
-    (out / "comparison.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"lungviews: {args.data_dir}, {args.img_size} px, {args.epochs} epochs, "
-          f"weights={args.weights}, seed={args.seed}")
-    print(compare.markdown(result))
-    return 0
-
-
 # ---------------------------------------------------------------- app
 
 
@@ -716,8 +652,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "app": Subcommand("the dashboard in Chromium: page render and upload-to-heatmap times",
                       add_app_args, bench_app),
     "infer": Subcommand("inference latency, throughput, agreement and memory vs fp32 eager", add_infer_args, bench_infer),
-    "lungviews": Subcommand("train none/crop/mask lung views alike and compare them",
-                            add_lungviews_args, bench_lungviews),
+    "recipes": Subcommand("screen from-scratch training recipes (lung views, augmentation, "
+                          "size, depth, length) on validation; train the chosen one",
+                          recipes.add_args, recipes.run),
     "metrics": Subcommand("time the metrics report with a 1,000-resample bootstrap",
                           add_metrics_args, bench_metrics),
     "train": Subcommand("training images/s: plain fp32 loop vs the default path; head-mode cache",

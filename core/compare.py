@@ -8,9 +8,11 @@ macro ROC-AUC and its drop. It reads ``<run>/report/metrics.json``; it never rec
 
     python -m core.compare models/none models/crop models/mask [--output comparison.json]
 
-:func:`recommend` applies the documented rule for a default: among runs whose internal
-accuracy is within ``ACCURACY_TOLERANCE`` of the best, prefer the lowest periphery-only
-accuracy (less reading of the image source), then the higher lung focus.
+:func:`recommend` applies the documented selection rule, which does not reward the
+shortcut: among runs whose periphery-only accuracy is at most ``PERIPHERY_MAX`` (0.45; chance
+is 1/K), the most accurate (ties: the higher lung focus). Internal accuracy alone never
+decides, because a model that reads the image's source scores well inside the database. When
+no run meets the limit, it says so and falls back to the lowest periphery-only accuracy.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from core.errors import CXRError, DatasetError
 
 log = logging.getLogger(__name__)
 
-ACCURACY_TOLERANCE = 0.02  # "keeps internal accuracy": at most 2 points below the best run
+PERIPHERY_MAX = 0.45  # a run "does not read the periphery" at or below this probe accuracy
 
 
 def report_path(run: str | Path) -> Path:
@@ -74,27 +76,33 @@ def summarise(doc: dict[str, Any], name: str) -> dict[str, Any]:
     }
 
 
-def recommend(rows: Sequence[dict[str, Any]], tolerance: float = ACCURACY_TOLERANCE) -> dict[str, Any]:
-    """The run to prefer, and why (see the module docstring for the rule)."""
+def recommend(rows: Sequence[dict[str, Any]],
+              periphery_max: float = PERIPHERY_MAX) -> dict[str, Any]:
+    """The run to prefer, and why: among runs with a periphery-only accuracy of at most
+    ``periphery_max``, the most accurate, ties broken by the higher lung focus; when none
+    qualifies (or none was probed), the lowest periphery-only accuracy, flagged
+    ``meets_limit=False``."""
     scored = [r for r in rows if r["accuracy"] is not None]
     if not scored:
         raise DatasetError("No run has a defined accuracy; nothing to compare.")
-    best = max(r["accuracy"] for r in scored)
-    keep = [r for r in scored if r["accuracy"] >= best - tolerance]
 
-    def key(r: dict[str, Any]) -> tuple[float, float]:
-        peri = r["periphery_only_accuracy"]
-        focus = r["lung_focus_mean"]
-        return (peri if peri is not None else float("inf"),
-                -(focus if focus is not None else float("-inf")))
+    def focus(r: dict[str, Any]) -> float:
+        return r["lung_focus_mean"] if r["lung_focus_mean"] is not None else float("-inf")
 
-    choice = min(keep, key=key)
-    return {
-        "run": choice["run"], "lung_view": choice["lung_view"],
-        "rule": (f"among runs within {tolerance:.0%} of the best internal accuracy "
-                 f"({best:.3f}), the lowest periphery-only accuracy, then the highest lung focus"),
-        "kept": [r["run"] for r in keep],
-    }
+    keep = [r for r in scored if r["periphery_only_accuracy"] is not None
+            and r["periphery_only_accuracy"] <= periphery_max]
+    if keep:
+        choice = max(keep, key=lambda r: (r["accuracy"], focus(r)))
+        rule = (f"among runs whose periphery-only accuracy is at most {periphery_max:.2f}, "
+                "the most accurate (ties: the higher lung focus)")
+    else:
+        choice = min(scored, key=lambda r: (
+            r["periphery_only_accuracy"] if r["periphery_only_accuracy"] is not None
+            else float("inf"), -r["accuracy"]))
+        rule = (f"no run has a periphery-only accuracy at or below {periphery_max:.2f}: the "
+                "lowest periphery-only accuracy (every run may read the image's source)")
+    return {"run": choice["run"], "lung_view": choice["lung_view"], "rule": rule,
+            "kept": [r["run"] for r in keep], "meets_limit": bool(keep)}
 
 
 def compare(runs: Sequence[str | Path]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RESIZE_MODES = ("letterbox", "stretch")
-LUNG_VIEWS = ("none", "crop", "mask")
+LUNG_VIEWS = ("none", "crop", "mask", "soft")
 MODES = ("head", "finetune", "staged")
 ARCHS = ("resnet50", "resnet34", "resnet18")
 OPTIMIZERS = ("adamw", "adam")
@@ -84,12 +84,25 @@ class AugmentConfig:
     contrast: float = 0.1
     hflip: bool = False
     p: float = 0.8
+    # Stronger augmentation for training from scratch (each 0 = off, the default, so that
+    # older configs and seeds give the same augmentations):
+    crop_scale: float = 0.0  # random resized crop keeping >= this share of the area (0 = off)
+    gamma: float = 0.0  # random gamma in [1 - g, 1 + g]
+    blur: float = 0.0  # probability of a Gaussian blur (sigma 0.5-1.5 px)
+    noise: float = 0.0  # Gaussian noise, std as a fraction of the range (applied with p)
+    erase_periphery: float = 0.0  # probability of blanking a random band along each border
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.translate < 0.5 and 0.0 <= self.scale < 0.5):
             raise ConfigError("augment translate and scale must lie in [0, 0.5)")
         if not 0.0 <= self.p <= 1.0:
             raise ConfigError("augment p must lie in [0, 1]")
+        if not (self.crop_scale == 0.0 or 0.2 <= self.crop_scale < 1.0):
+            raise ConfigError("augment crop_scale must be 0 (off) or lie in [0.2, 1)")
+        if not (0.0 <= self.gamma < 1.0 and 0.0 <= self.noise < 0.5):
+            raise ConfigError("augment gamma must lie in [0, 1) and noise in [0, 0.5)")
+        if not (0.0 <= self.blur <= 1.0 and 0.0 <= self.erase_periphery <= 1.0):
+            raise ConfigError("augment blur and erase_periphery are probabilities in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,9 @@ class TrainConfig:
     head_epochs: int = 5  # staged mode: epochs with the backbone frozen first
     batch_size: int = 32
     lr: float = 1e-3
-    backbone_lr_mult: float = 0.1
+    # None: 0.1 with pretrained weights (keep their features), 1.0 from scratch (weights
+    # "none": a random backbone must learn at the head's pace); resolved in __post_init__
+    backbone_lr_mult: float | None = None
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     scheduler: str = "plateau"
@@ -148,6 +163,16 @@ class TrainConfig:
             raise ConfigError("epochs and batch_size must be at least 1")
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError("dropout must lie in [0, 1)")
+        if self.backbone_lr_mult is None:
+            object.__setattr__(self, "backbone_lr_mult", default_backbone_lr_mult(self.weights))
+        elif self.backbone_lr_mult <= 0:
+            raise ConfigError("backbone_lr_mult must be positive")
+
+
+def default_backbone_lr_mult(weights: str) -> float:
+    """The backbone's learning rate as a multiple of the head's when the user sets none:
+    1.0 for random initial weights (``none``), 0.1 for pretrained ones."""
+    return 1.0 if weights == "none" else 0.1
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,21 @@ class RunConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Named training recipes: ``python -m core.train --preset NAME`` takes these as its defaults
+# (keys are the CLI's argument names, dashes as underscores); any flag given on the command
+# line still wins. ``cpu-lungs`` is the recipe chosen by ``python -m core.bench recipes``
+# (docs/ARCHITECTURE.md, "Training recipe"): from scratch, on a CPU, looking at the lungs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-lungs": {
+        "weights": "none", "mode": "finetune", "arch": "resnet50", "img_size": 128,
+        "lung_view": "soft", "epochs": 20, "scheduler": "cosine", "lr": 1e-3,
+        "early_stop_patience": 20, "crop_scale": 0.7, "gamma": 0.2, "blur": 0.2,
+        "noise": 0.03, "erase_periphery": 0.5, "rotate": 10.0, "translate": 0.05,
+        "scale": 0.1,
+    },
+}
 
 
 T = TypeVar("T")

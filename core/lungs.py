@@ -12,7 +12,10 @@ Preprocessing (stored in the weights file under ``"preprocess"`` and read back f
 
 Lung views (``PreprocessConfig.lung_view``), see :func:`apply_lung_view`
     ``crop``: the lungs' bounding box plus ``lung_margin`` x the image side on each side;
-    ``mask``: the same crop with everything outside the dilated lung field set to 0.
+    ``mask``: the same crop with everything outside the dilated lung field set to 0;
+    ``soft``: the same crop with the lungs kept and everything outside the dilated lung
+    field blurred and dimmed (not blanked: the anatomy around the lungs stays readable, the
+    fine texture of borders, text and markers does not), with a feathered edge.
     Implausible segmentations (no lung, or under 5 % / over 80 % of the image) fall back to
     the full image and say why.
 
@@ -56,6 +59,8 @@ ARCH_NAME = "unet"
 MIN_LUNG_FRACTION = 0.05  # below this share of the image, the segmentation is implausible
 MAX_LUNG_FRACTION = 0.80  # above this share, too
 MASK_DILATION = 0.03  # "mask" view: grow the lung field by 3 % of the image's longer side
+SOFT_DIM = 0.35  # "soft" view: brightness kept outside the lung field
+SOFT_BLUR = 0.02  # "soft" view: Gaussian sigma outside the lung field, share of the longer side
 
 DEFAULT_PREPROCESS: dict[str, Any] = {
     "resize_mode": "letterbox",
@@ -335,13 +340,28 @@ def apply_lung_view(
     top, left, bottom, right = lung_box(lung, cfg.lung_margin)
     image = g[top:bottom, left:right].copy()
     out_mask = lung[top:bottom, left:right].copy()
-    if cfg.lung_view == "mask":
+    if cfg.lung_view in ("mask", "soft"):
         field = dilate_mask(lung, MASK_DILATION * max(h, w))[top:bottom, left:right]
-        image[~field] = 0.0
-        reason = f"lung field ({frac:.1%} of the image), dilated {MASK_DILATION:.0%}, cropped"
+        if cfg.lung_view == "mask":
+            image[~field] = 0.0
+            reason = f"lung field ({frac:.1%} of the image), dilated {MASK_DILATION:.0%}, cropped"
+        else:
+            image = soften_outside(image, field, SOFT_BLUR * max(h, w))
+            reason = (f"lung field ({frac:.1%} of the image) kept, the rest blurred and dimmed "
+                      f"to {SOFT_DIM:.0%}, cropped")
     else:
         reason = f"lung bounding box ({frac:.1%} of the image) + {cfg.lung_margin:.0%} margin"
     return LungView(image, out_mask, (top, left, bottom, right), False, reason)
+
+
+def soften_outside(image: np.ndarray, field: np.ndarray, sigma: float) -> np.ndarray:
+    """``image`` inside ``field``; outside it, the image Gaussian-blurred (``sigma`` px) and
+    dimmed to ``SOFT_DIM``, blended over a feathered edge of about ``sigma`` px."""
+    img = image.astype(np.float32, copy=False)
+    s = max(float(sigma), 0.5)
+    outside = cv2.GaussianBlur(img, (0, 0), s) * SOFT_DIM
+    keep = cv2.GaussianBlur(field.astype(np.float32), (0, 0), s / 2)
+    return (keep * img + (1.0 - keep) * outside).astype(image.dtype, copy=False)
 
 
 def dataset_mask_path(image_path: str | Path) -> Path | None:

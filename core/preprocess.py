@@ -90,18 +90,30 @@ def denormalize(x: torch.Tensor, cfg: PreprocessConfig) -> np.ndarray:
     return to_uint8(g.clamp(0, 1).cpu().numpy())
 
 
-def build_augment(aug: AugmentConfig, seed: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """albumentations pipeline on the prepared uint8 image (training only)."""
+def build_augment(aug: AugmentConfig, seed: int | None = None,
+                  img_size: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """albumentations pipeline on the prepared uint8 image (training only).
+
+    Order: random resized crop (``crop_scale``; on a lung view the prepared image is the
+    lung box, so the crop lies inside it), rotation/shift/zoom, brightness/contrast, gamma,
+    blur, noise, then erasing of border bands (``erase_periphery``). Each optional step is
+    added only when it is on: a zero range would still change the random draws, i.e. the
+    augmentations an older config's seed gives.
+    """
     import albumentations as A
 
-    # Shift and zoom only when asked: passing zero ranges would still change the random
-    # draws, i.e. the augmentations a seed gives.
     geometry: dict[str, Any] = {}
     if aug.translate > 0:
         geometry["translate_percent"] = (-aug.translate, aug.translate)
     if aug.scale > 0:
         geometry["scale"] = (1.0 - aug.scale, 1.0 + aug.scale)
-    ops: list[Any] = [
+    ops: list[Any] = []
+    if aug.crop_scale > 0:
+        if img_size is None:
+            raise ValueError("build_augment: crop_scale needs img_size")
+        ops.append(A.RandomResizedCrop(size=(img_size, img_size), scale=(aug.crop_scale, 1.0),
+                                       ratio=(0.8, 1.25), p=aug.p))
+    ops += [
         A.Affine(
             rotate=(-aug.rotate_deg, aug.rotate_deg),
             **geometry,
@@ -113,6 +125,15 @@ def build_augment(aug: AugmentConfig, seed: int | None = None) -> Callable[[np.n
             brightness_limit=aug.brightness, contrast_limit=aug.contrast, p=aug.p
         ),
     ]
+    if aug.gamma > 0:
+        ops.append(A.RandomGamma(gamma_limit=(100 * (1 - aug.gamma), 100 * (1 + aug.gamma)),
+                                 p=aug.p))
+    if aug.blur > 0:
+        ops.append(A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 1.5), p=aug.blur))
+    if aug.noise > 0:
+        ops.append(A.GaussNoise(std_range=(0.0, aug.noise), per_channel=False, p=aug.p))
+    if aug.erase_periphery > 0:
+        ops.append(_erase_periphery(A, p=aug.erase_periphery))
     if aug.hflip:
         ops.append(A.HorizontalFlip(p=0.5))
     compose = A.Compose(ops, seed=seed)
@@ -122,6 +143,38 @@ def build_augment(aug: AugmentConfig, seed: int | None = None) -> Callable[[np.n
 
     run.compose = compose  # type: ignore[attr-defined]  (lets DataLoader workers reseed it)
     return run
+
+
+ERASE_MAX_BAND = 0.15  # erase_periphery: a band is up to 15 % of the side
+
+
+def _erase_periphery(A: Any, p: float) -> Any:
+    """An albumentations transform that blanks (to 0) a band of random width, up to
+    ``ERASE_MAX_BAND`` of the side, along each border with probability 1/2 per border.
+
+    Written here because albumentations has no border-band eraser (``CoarseDropout`` and
+    ``Erasing`` place boxes anywhere). Its random draws come from the transform's own seeded
+    generator, so a Compose seed still fixes them.
+    """
+
+    class ErasePeriphery(A.ImageOnlyTransform):  # type: ignore[name-defined,misc]
+        def get_params_dependent_on_data(self, params: dict[str, Any],
+                                         data: dict[str, Any]) -> dict[str, Any]:
+            rnd = self.py_random
+            return {"bands": [rnd.uniform(0, ERASE_MAX_BAND) if rnd.random() < 0.5 else 0.0
+                              for _ in range(4)]}
+
+        def apply(self, img: np.ndarray, bands: list[float] = (), **params: Any) -> np.ndarray:
+            out = img.copy()
+            h, w = out.shape[:2]
+            top, bottom, left, right = (round(b * (h if i < 2 else w)) for i, b in enumerate(bands))
+            out[:top] = 0
+            out[h - bottom:] = 0
+            out[:, :left] = 0
+            out[:, w - right:] = 0
+            return out
+
+    return ErasePeriphery(p=p)
 
 
 class Transform:
@@ -137,7 +190,8 @@ class Transform:
         self.cfg = cfg
         self.train = train
         aug = augment or AugmentConfig()
-        self.augment = build_augment(aug, seed) if train and aug.p > 0 else None
+        self.augment = (build_augment(aug, seed, cfg.img_size)
+                        if train and aug.p > 0 else None)
 
     def __call__(self, gray: np.ndarray, lung_mask: np.ndarray | None = None) -> torch.Tensor:
         return self.with_view(gray, lung_mask)[0]

@@ -49,9 +49,11 @@ from core import model as model_lib
 from core import runs
 from core.config import (
     ARCHS,
+    LUNG_VIEWS,
     MODES,
     OPTIMIZERS,
     PRECISIONS,
+    PRESETS,
     SCHEDULERS,
     AugmentConfig,
     DataConfig,
@@ -609,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Runs under torchrun for several GPUs or machines.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    g = ap.add_argument_group("recipe")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named recipe whose settings become the defaults (flags given "
+                   "here still win); cpu-lungs: the recipe chosen by python -m core.bench "
+                   "recipes (from scratch on a CPU, lung view, stronger augmentation)")
     g = ap.add_argument_group("data")
     g.add_argument("--data-dir", default=default_data_dir(),
                    help="dataset root (<Class>/images/*.png or <Class>/*.png); default: "
@@ -627,8 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="letterbox keeps the aspect ratio and pads with black")
     g.add_argument("--no-clahe", dest="clahe", action="store_false", help="disable CLAHE")
     g.add_argument("--clahe-clip", type=float, default=p.clahe_clip)
-    g.add_argument("--lung-view", choices=("none", "crop", "mask"), default=p.lung_view,
-                   help="crop to the lung field, or crop and mask outside it (core.lungs)")
+    g.add_argument("--lung-view", choices=LUNG_VIEWS, default=p.lung_view,
+                   help="crop to the lung field (crop), crop and blank outside it (mask), or "
+                   "crop and blur and dim outside it (soft); see core.lungs")
 
     g = ap.add_argument_group("augmentation (training only)")
     g.add_argument("--rotate", type=float, default=a.rotate_deg, help="max rotation, degrees")
@@ -642,6 +650,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=a.hflip,
                    help="random horizontal flip; off by default because a chest X-ray is not "
                    "left-right symmetric (heart on the left, markers, situs)")
+    g.add_argument("--crop-scale", type=float, default=a.crop_scale,
+                   help="random resized crop keeping at least this share of the area; with a "
+                   "lung view the crop lies inside the lung box (0 = off)")
+    g.add_argument("--gamma", type=float, default=a.gamma, help="random gamma in [1-g, 1+g]")
+    g.add_argument("--blur", type=float, default=a.blur, help="probability of a Gaussian blur")
+    g.add_argument("--noise", type=float, default=a.noise,
+                   help="Gaussian noise std as a fraction of the intensity range")
+    g.add_argument("--erase-periphery", type=float, default=a.erase_periphery,
+                   help="probability of blanking a random band along each border (markers, "
+                   "text and collimation edges carry the image's source, not its disease)")
 
     g = ap.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=t.arch)
@@ -661,7 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="staged mode: epochs before the backbone is unfrozen")
     g.add_argument("--batch-size", type=int, default=t.batch_size, help="global batch size")
     g.add_argument("--lr", type=float, default=t.lr, help="head learning rate")
-    g.add_argument("--backbone-lr-mult", type=float, default=t.backbone_lr_mult)
+    g.add_argument("--backbone-lr-mult", type=float, default=None,
+                   help="backbone learning rate as a multiple of --lr (default: 1.0 with "
+                   "--weights none, 0.1 with pretrained weights)")
     g.add_argument("--weight-decay", type=float, default=t.weight_decay)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer)
     g.add_argument("--scheduler", choices=SCHEDULERS, default=t.scheduler)
@@ -695,6 +715,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_args(argv: list[str] | None = None,
+               overrides: dict[str, Any] | None = None) -> argparse.Namespace:
+    """The CLI's arguments with ``--preset``'s settings (then ``overrides``, by argument
+    name) as defaults: a flag given in ``argv`` always wins."""
+    ap = build_parser()
+    known, _ = ap.parse_known_args(argv)
+    if known.preset:
+        ap.set_defaults(**PRESETS[known.preset])
+    if overrides:
+        unknown = set(overrides) - set(vars(known))
+        if unknown:
+            raise ConfigError(f"unknown training settings: {sorted(unknown)}")
+        ap.set_defaults(**overrides)
+    return ap.parse_args(argv)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     data = DataConfig(data_dir=args.data_dir, val_frac=args.val_frac, test_frac=args.test_frac,
                       seed=args.seed, near_dup_distance=args.near_dup_distance,
@@ -707,7 +743,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         pre = replace(pre, segmenter_sha256=lungs.file_sha256(lungs.DEFAULT_SEGMENTER_PATH))
     aug = AugmentConfig(rotate_deg=args.rotate, translate=args.translate, scale=args.scale,
                         brightness=args.brightness,
-                        contrast=args.contrast, hflip=args.hflip,
+                        contrast=args.contrast, hflip=args.hflip, crop_scale=args.crop_scale,
+                        gamma=args.gamma, blur=args.blur, noise=args.noise,
+                        erase_periphery=args.erase_periphery,
                         p=0.0 if args.no_augment else AugmentConfig().p)
     train = TrainConfig(
         output=args.output, arch=args.arch, weights=args.weights, mode=args.mode,
@@ -725,7 +763,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)

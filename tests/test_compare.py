@@ -68,13 +68,13 @@ def template(small_run: Path) -> dict:
     return json.loads((small_run / "report" / "metrics.json").read_text())
 
 
-def test_rule_keeps_accuracy_then_prefers_less_periphery_then_more_focus(tmp_path, template):
+def test_rule_picks_the_most_accurate_run_within_the_periphery_limit(tmp_path, template):
     a, b, c, d = (tmp_path / n for n in ("none", "crop", "mask", "worse"))
     docs = {
-        "none": write_report(template, a, "none", 0.88, 0.65, 1.2, ext_acc=0.6),
-        "crop": write_report(template, b, "crop", 0.87, 0.40, 1.7, ext_acc=0.8),  # less periphery
-        "mask": write_report(template, c, "mask", 0.865, 0.40, 1.5),  # same periphery, less focus
-        "worse": write_report(template, d, "mask", 0.80, 0.33, 1.9),  # loses accuracy
+        "none": write_report(template, a, "none", 0.88, 0.65, 1.2, ext_acc=0.6),  # shortcut
+        "crop": write_report(template, b, "crop", 0.87, 0.40, 1.7, ext_acc=0.8),  # most accurate ok
+        "mask": write_report(template, c, "mask", 0.865, 0.40, 1.5),  # within the limit, less acc.
+        "worse": write_report(template, d, "mask", 0.80, 0.33, 1.9),  # least periphery, least acc.
     }
     result = compare.compare([a, b / "report", c / "report" / "metrics.json", d])
     assert [r["run"] for r in result["rows"]] == ["none", "crop", "mask", "worse"]
@@ -91,7 +91,7 @@ def test_rule_keeps_accuracy_then_prefers_less_periphery_then_more_focus(tmp_pat
     assert [rows[n]["periphery_only_accuracy"] for n in docs] == [0.65, 0.4, 0.4, 0.33]
     rec = result["recommendation"]
     assert rec["run"] == "crop" and rec["lung_view"] == "crop"
-    assert rec["kept"] == ["none", "crop", "mask"]
+    assert rec["kept"] == ["crop", "mask", "worse"] and rec["meets_limit"]
     ext = docs["crop"]["external"]
     assert rows["crop"]["external_macro_roc_auc"] == ext["threshold_free"]["macro_roc_auc"]["value"]
     assert rows["crop"]["external_auc_drop"] == pytest.approx(
@@ -111,3 +111,37 @@ def test_cli_writes_json_and_reports_missing_runs(tmp_path, capsys, template):
     assert compare.main([str(tmp_path / "nowhere")]) == 2
     with pytest.raises(DatasetError, match="No evaluation report"):
         compare.report_path(tmp_path / "nowhere")
+
+
+def _row(name: str, acc: float, peri: float | None, focus: float | None = 1.5) -> dict:
+    return {"run": name, "lung_view": "none", "accuracy": acc, "periphery_only_accuracy": peri,
+            "lung_focus_mean": focus}
+
+
+def test_rule_never_picks_a_run_over_the_periphery_limit_when_one_meets_it():
+    import random
+
+    rnd = random.Random(0)
+    for trial in range(300):  # random grids, always with at least one run within the limit
+        rows = [_row(f"r{i}", rnd.uniform(0.5, 1.0), rnd.choice([None, rnd.uniform(0.3, 0.9)]),
+                     rnd.choice([None, rnd.uniform(0.8, 2.0)])) for i in range(rnd.randint(1, 8))]
+        rows.append(_row("ok", rnd.uniform(0.3, 0.9), rnd.uniform(0.3, compare.PERIPHERY_MAX)))
+        rec = compare.recommend(rows)
+        chosen = next(r for r in rows if r["run"] == rec["run"])
+        assert chosen["periphery_only_accuracy"] <= compare.PERIPHERY_MAX, trial
+        eligible = [r for r in rows if r["periphery_only_accuracy"] is not None
+                    and r["periphery_only_accuracy"] <= compare.PERIPHERY_MAX]
+        assert chosen["accuracy"] == max(r["accuracy"] for r in eligible), trial
+    # exactly at the limit counts; a far more accurate shortcut model does not win
+    rows = [_row("shortcut", 0.99, 0.46), _row("at-limit", 0.70, 0.45)]
+    assert compare.recommend(rows)["run"] == "at-limit"
+    # ties on accuracy: the higher lung focus
+    rows = [_row("a", 0.9, 0.40, 1.2), _row("b", 0.9, 0.42, 1.8)]
+    assert compare.recommend(rows)["run"] == "b"
+
+
+def test_rule_without_an_eligible_run_says_so_and_takes_the_least_periphery():
+    rows = [_row("a", 0.95, 0.70), _row("b", 0.80, 0.50), _row("c", 0.90, None)]
+    rec = compare.recommend(rows)
+    assert rec["run"] == "b" and not rec["meets_limit"] and rec["kept"] == []
+    assert "no run" in rec["rule"]
