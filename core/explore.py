@@ -57,9 +57,10 @@ def missing_images_text(data_dir: Path | None) -> str:
     """What to tell a user whose machine lacks the run's images, and how to get them."""
     where = f"`{data_dir}`" if data_dir else "the run's data folder (config.json names none)"
     return (f"The images of this run are not on this machine (looked in {where}). Download the "
-            f"[COVID-19 Radiography Database]({DATABASE_URL}) and unpack it there, or copy the "
-            "training machine's data folder to that path. Everything else on this page comes "
-            "from the run's own files and is shown anyway.")
+            f"[COVID-19 Radiography Database]({DATABASE_URL}) with `python -m core.data "
+            "download` (or **Download the database** on the **Training** page) and move it "
+            "there, or copy the training machine's data folder to that path. Everything else "
+            "on this page comes from the run's own files and is shown anyway.")
 
 
 def dataset_record(run: Any) -> dict[str, Any] | None:

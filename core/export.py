@@ -48,7 +48,7 @@ from core.devices import cpu_has_native_bf16, resolve_precision
 from core.errors import CheckpointError, ConfigError, CXRError
 from core.files import file_sha256
 from core.model import load_checkpoint, model_from_checkpoint, preprocess_config_of
-from core.runs import SERVING_FILE
+from core.runs import SERVING_FILE, is_shipped
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,42 @@ OLD_INT8_NOTE = ("This run holds an int8 block from an earlier version (FX quant
                  "ignored: the serving network is the exported graph (python -m core.export).")
 
 
+CACHE_ENV = "CXR_CACHE_HOME"
+
+
+def cache_dir() -> Path:
+    """The user's cache folder for CXR Insight (``$CXR_CACHE_HOME``, else platformdirs'
+    ``user_cache_dir("cxr-insight")``: ``~/.cache/cxr-insight`` on Linux)."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("cxr-insight", appauthor=False))
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _sha_of(path: Path) -> str:
+    """``file_sha256``, remembered per path, size and modification time."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]
+
+
 def graph_path(checkpoint: str | Path, precision: str = "fp32") -> Path:
-    """``best.onnx`` (fp32) or ``best.int8.onnx`` beside ``best.pt``."""
+    """``best.onnx`` (fp32) or ``best.int8.onnx`` beside ``best.pt``; for a run that ships
+    with the repository (the demo: ``demo.json`` beside it, :func:`core.runs.is_shipped`),
+    in the user's cache folder instead, ``<cache>/demo-<first 12 hex of best.pt's
+    SHA-256>/``, so that serving it never writes into the repository."""
     p = Path(checkpoint)
-    return p.with_suffix(".int8.onnx" if precision == "int8" else ".onnx")
+    name = p.stem + (".int8.onnx" if precision == "int8" else ".onnx")
+    if is_shipped(p.parent) and p.is_file():
+        return cache_dir() / f"demo-{_sha_of(p)[:12]}" / name
+    return p.with_name(name)
 
 
 # ---------------------------------------------------------------- export
@@ -108,6 +140,7 @@ def graph_metadata(path: str | Path) -> dict[str, str]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "cxr-insight-checkpoint"
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("format", "version", "arch", "classes", "preprocess", "state_dict")
+INT8_WEIGHT_FORMAT = "int8-weight-only"
+"""``ckpt["weight_format"]`` of a checkpoint whose conv and linear weights are stored as int8
+with one fp32 scale per output channel (``ckpt["weight_scales"]``); :func:`load_checkpoint`
+dequantises them (:func:`dequantize_state_dict`). The shipped demo model uses it."""
 
 _WEIGHTS = {
     "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
@@ -127,8 +131,69 @@ def torch_load_file(path: str | Path, error: type[CXRError], what: str, hint: st
         raise error(f"Cannot load {what} {path}: {exc}") from exc
 
 
+def quantize_state_dict(state: dict[str, torch.Tensor]
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Weight-only int8 of a state dict: every floating tensor of two or more dimensions (the
+    conv and linear weights) becomes int8, symmetric, with one fp32 scale per output channel
+    (``max |w| / 127`` over the channel; 1 for an all-zero channel); everything else (biases,
+    BatchNorm weights and statistics, counters) is kept as it is, floating tensors as fp32.
+
+    Returns ``(state, scales)``: the state dict with int8 tensors in place of the quantised
+    weights, and ``{name: scales}`` for those. Round to nearest, so each dequantised weight
+    lies within half a step (``scale / 2``) of the original."""
+    out: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        t = value.detach().cpu()
+        if t.is_floating_point() and t.dim() >= 2:
+            w = t.float()
+            amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+            scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            view = (-1,) + (1,) * (w.dim() - 1)
+            out[name] = torch.round(w / scale.view(view)).clamp_(-127, 127).to(torch.int8)
+            scales[name] = scale.contiguous()
+        else:
+            out[name] = t.float().contiguous() if t.is_floating_point() else t.contiguous()
+    return out, scales
+
+
+def dequantize_state_dict(state: dict[str, torch.Tensor],
+                          scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of :func:`quantize_state_dict`'s output: ``q * scale`` per output
+    channel for each tensor named in ``scales``, the rest unchanged. Deterministic: the same
+    file always gives the same weights."""
+    missing = [k for k in scales if k not in state]
+    if missing:
+        raise CheckpointError(f"int8 weight scales name tensors the state dict lacks: {missing[:5]}")
+    out = {}
+    for name, value in state.items():
+        if name in scales:
+            if value.dtype != torch.int8:
+                raise CheckpointError(f"{name} has scales but is {value.dtype}, not int8")
+            scale = scales[name].float()
+            if scale.dim() != 1 or scale.numel() != value.shape[0]:
+                raise CheckpointError(f"{name}: {scale.numel()} scales for "
+                                      f"{value.shape[0]} output channels")
+            view = (-1,) + (1,) * (value.dim() - 1)
+            out[name] = value.float() * scale.view(view)
+        else:
+            out[name] = value
+    return out
+
+
+def quantized_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a checkpoint dict with its weights as weight-only int8
+    (:func:`quantize_state_dict`), marked ``weight_format = "int8-weight-only"``; a checkpoint
+    that is already int8 is quantised again from its dequantised weights (the same result)."""
+    state, scales = quantize_state_dict(ckpt["state_dict"])
+    return {**ckpt, "state_dict": state, "weight_scales": scales,
+            "weight_format": INT8_WEIGHT_FORMAT}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` and check that it is ours."""
+    """Read a checkpoint with ``weights_only=True`` and check that it is ours. A weight-only
+    int8 checkpoint (``weight_format``) is returned with its weights dequantised to fp32
+    (``ckpt["weight_format"]`` still says what the file holds)."""
     path = Path(path)
     ckpt = torch_load_file(path, CheckpointError, "checkpoint",
                            "Train one with `python -m core.train --output models/<run>` or pick "
@@ -143,6 +208,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"Checkpoint {path} has format version {ckpt['version']}; this code reads up to "
             f"{CHECKPOINT_VERSION}. Upgrade CXR Insight."
         )
+    fmt = ckpt.get("weight_format")
+    if fmt == INT8_WEIGHT_FORMAT:
+        if not isinstance(ckpt.get("weight_scales"), dict):
+            raise CheckpointError(f"Checkpoint {path} is int8 but holds no weight_scales.")
+        ckpt["state_dict"] = dequantize_state_dict(ckpt["state_dict"], ckpt.pop("weight_scales"))
+    elif fmt not in (None, "fp32"):
+        raise CheckpointError(f"Checkpoint {path} stores its weights as {fmt!r}, which this "
+                              f"version cannot read (it reads fp32 and {INT8_WEIGHT_FORMAT}).")
     return ckpt
 
 

@@ -52,7 +52,8 @@ def intended_use(run: RunArtifacts) -> str:
 
 def training_data(run: RunArtifacts) -> str:
     ds = run.dataset or {}
-    lines = [f"- Dataset folder: `{overview.run_data_dir(run) or 'unknown'}`"]
+    folder = (run.demo or {}).get("data_dir") or overview.run_data_dir(run)  # as shipped
+    lines = [f"- Dataset folder: `{folder or 'unknown'}`"]
     counts = ds.get("counts") or {}
     for split in ("train", "val", "test"):
         if counts.get(split):
@@ -165,6 +166,139 @@ def explanation(run: RunArtifacts) -> str:
     return text
 
 
+# ---------------------------------------------------------------- the shipped demo
+
+DATA_TERMS = (
+    "The images come from the **COVID-19 Radiography Database** (Kaggle, "
+    "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database). The database "
+    "states no licence; its authors ask users to cite:\n\n"
+    "- M.E.H. Chowdhury, T. Rahman, A. Khandakar, et al., \"Can AI help in screening Viral and "
+    "COVID-19 pneumonia?\" IEEE Access, vol. 8, pp. 132665-132676, 2020.\n"
+    "- T. Rahman, A. Khandakar, Y. Qiblawey, et al., \"Exploring the Effect of Image "
+    "Enhancement Techniques on COVID-19 Detection using Chest X-ray Images\", "
+    "arXiv:2012.02238, 2020.\n\n"
+    "and say that researchers can use it to produce scholarly work. **Research use only**; "
+    "not for clinical decisions. No image ships with this repository: the demo's split "
+    "(`manifest.csv`) names the files by path.")
+DATABASE_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+
+
+def demo_data(run: RunArtifacts) -> str:
+    counts = (run.dataset or {}).get("counts") or {}
+    absent = [c.replace("_", " ") for c in DATABASE_CLASSES if c not in run.classes]
+    lines = [f"{len(run.classes)} of the database's four classes ({', '.join(run.classes)})"
+             + (f"; no {', '.join(absent)} images" if absent else "") + ". Images per split: "
+             + "; ".join(f"{s} {sum((counts.get(s) or {}).values()):,}"
+                         for s in ("train", "val", "test") if counts.get(s)) + ".",
+             "", DATA_TERMS]
+    return "\n".join(lines)
+
+
+def demo_recipe(run: RunArtifacts) -> str:
+    cfg = run.config or {}
+    tr, pre, aug = cfg.get("train") or {}, cfg.get("preprocess") or {}, cfg.get("augment") or {}
+    demo = run.demo or {}
+    lines = []
+    if demo.get("recipe"):
+        lines.append(f"- Recipe: `{demo['recipe']}`")
+    lines += [
+        f"- Network: {tr.get('arch', run.arch)}, initial weights `{tr.get('weights', '?')}`, mode "
+        f"`{tr.get('mode', '?')}`, {tr.get('epochs', '?')} epochs (best epoch {run.epoch or '?'} "
+        f"of {run.epochs} run), batch {tr.get('batch_size', '?')}, {tr.get('optimizer', '?')} "
+        f"lr {tr.get('lr', '?')} ({tr.get('scheduler', '?')}), seed {tr.get('seed', '?')}",
+        f"- Input: {pre.get('img_size', '?')} px, {pre.get('resize_mode', '?')}, CLAHE "
+        f"{'on' if pre.get('clahe') else 'off'}, lung view `{pre.get('lung_view', 'none')}`",
+        "- Augmentation: " + (", ".join(f"{k} {v}" for k, v in sorted(aug.items())
+                                        if v not in (0, 0.0, False, None)) or "none"),
+        "- The whole configuration is `config.json` beside the weights.",
+    ]
+    return "\n".join(lines)
+
+
+def demo_weights(run: RunArtifacts) -> str:
+    demo = run.demo or {}
+    lines = [f"- `best.pt`: a project checkpoint read with `torch.load(weights_only=True)` (no "
+             f"code is unpickled); weights stored as `{demo.get('weight_format', '?')}`: conv and "
+             "linear weights int8, symmetric, one fp32 scale per output channel; biases and "
+             "BatchNorm fp32. `core.model.load_checkpoint` dequantises them at load."]
+    if demo.get("max_weight_error_steps") is not None:
+        lines.append(f"- Largest dequantisation error: {demo['max_weight_error_steps']:.3f} of "
+                     "an int8 step (at most 0.5 by construction: rounding to nearest).")
+    if demo.get("fp32_agreement") is not None:
+        agree = demo["fp32_agreement"]
+        lines.append(f"- Against the fp32 weights it came from: the same predicted class on "
+                     f"{agree['same']} of {agree['n']} test images.")
+    lines.append("- Calibration, OOD statistics and the test report were computed on these "
+                 "dequantised weights, not on the fp32 ones: every file beside them matches "
+                 "them (each sidecar records the SHA-256 of `best.pt`).")
+    lines.append("- Serving: the predictor exports the network to ONNX once, on first load, "
+                 "into the user's cache folder (`~/.cache/cxr-insight/demo-<hash>/` on Linux, "
+                 "`CXR_CACHE_HOME` overrides it), never into the repository.")
+    if run.checkpoint.is_file():
+        params = f" for {demo['parameters'] / 1e6:.1f} M parameters" if demo.get("parameters") else ""
+        lines.append(f"- `best.pt` is {run.checkpoint.stat().st_size / 1e6:.1f} MB{params}.")
+    return "\n".join(lines)
+
+
+def demo_figures(run: RunArtifacts) -> str:
+    report = run.report or {}
+    overall = report.get("overall") or {}
+    lines = [f"Test split, {report.get('n', '?')} images, most probable class; 95% CIs from a "
+             "stratified bootstrap.", "",
+             f"- Accuracy {_pct(overall.get('accuracy'))}; macro F1 "
+             f"{_num(overall.get('macro_f1'))}; macro ROC-AUC {_num(overall.get('macro_roc_auc'))}",
+             "", "| class | sensitivity | specificity | PPV | ROC-AUC |", "|---|---|---|---|---|"]
+    per = (report.get("at_argmax") or {}).get("per_class") or {}
+    for cls in run.classes:
+        m = per.get(cls) or {}
+        auc = (((report.get("threshold_free") or {}).get("per_class") or {}).get(cls)
+               or {}).get("roc_auc")
+        lines.append(f"| {cls} | {_pct(m.get('sensitivity'))} | {_pct(m.get('specificity'))} | "
+                     f"{_pct(m.get('ppv'))} | {_num(auc) if auc is not None else '–'} |")
+    sc = overview.shortcut_summary(report)
+    lines.append("")
+    if sc:
+        lines.append(f"**Shortcut probe** (the lungs blanked out): risk **{sc.get('risk')}**; "
+                     f"full image {_pct(sc.get('full'))}, periphery only "
+                     f"{_pct(sc.get('periphery'))}, centre only {_pct(sc.get('centre'))}, chance "
+                     f"{_pct(sc.get('chance_accuracy'))}. {sc.get('verdict') or ''}")
+    else:
+        lines.append("**Shortcut probe**: not run.")
+    focus = ((report.get("lung_focus") or {}).get("overall") or {})
+    if focus.get("mean") is not None:
+        lines.append(f"\n**Lung focus** (Grad-CAM energy on the lungs over their share of the "
+                     f"image, 1 = no preference): mean {focus['mean']:.2f} over "
+                     f"{focus.get('n', '?')} test images.")
+    return "\n".join(lines)
+
+
+def demo_limits(run: RunArtifacts) -> str:
+    counts = (run.dataset or {}).get("counts") or {}
+    sizes = "/".join(f"{sum((counts.get(s) or {}).values()):,}" for s in ("train", "val", "test")
+                     if counts.get(s))
+    absent = [c.replace("_", " ") for c in DATABASE_CLASSES if c not in run.classes]
+    lines = [f"- {len(run.classes)} classes only"
+             + (f": no {', '.join(absent)}; an image of it still gets one of the others."
+                if absent else "."),
+             "- The Viral Pneumonia images are paediatric, the Normal ones adult (RSNA), COVID "
+             "from several hospitals and publications: class and source are confounded, and "
+             "the figures above reward a model that reads the source.",
+             f"- A small set ({sizes} train/validation/test images), one database's hospital "
+             "mix, no external validation: wide intervals, and figures that will not hold "
+             "elsewhere.",
+             "- Trained and evaluated at low resolution on a CPU: a demonstration of the tool, "
+             "not a model to rely on.",
+             "- **Not a medical device.** Research and education only."]
+    return "\n".join(lines)
+
+
+DEMO_SECTIONS = (("Demo model: data, source and terms", demo_data),
+                 ("Demo model: recipe", demo_recipe),
+                 ("Demo model: test figures, shortcut probe, lung focus", demo_figures),
+                 ("Demo model: shipped weights", demo_weights),
+                 ("Demo model: known limits", demo_limits))
+
+
 SECTIONS = (("Intended use and out-of-scope uses", intended_use),
             ("Training data", training_data),
             ("Evaluation data", evaluation_data),
@@ -175,8 +309,10 @@ SECTIONS = (("Intended use and out-of-scope uses", intended_use),
 
 
 def sections(run: RunArtifacts) -> list[tuple[str, str]]:
-    """``(title, Markdown body)`` for each section, in order."""
-    return [(title, build(run)) for title, build in SECTIONS]
+    """``(title, Markdown body)`` for each section, in order; the shipped demo's own sections
+    (data terms, recipe, figures, weights, limits) first for the demo."""
+    chosen = (*DEMO_SECTIONS, *SECTIONS) if run.is_demo else SECTIONS
+    return [(title, build(run)) for title, build in chosen]
 
 
 def markdown(run: RunArtifacts) -> str:

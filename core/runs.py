@@ -36,7 +36,15 @@ from core.files import file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS_DIR = ROOT / "models"
+DEFAULT_DEMO_DIR = ROOT / "assets" / "demo"
+DEMO_FILE = "demo.json"
+"""Marks a run folder that ships with the repository (the demo model, ``core.demo``): its
+provenance and weight format. Such a folder is never written at run time: its exported
+serving graph goes to the user's cache folder (``core.export.graph_path``)."""
+DEMO_NAME = "demo (shipped)"
+"""The demo run's name in the run selector."""
 SUMMARY_FILE = "run.json"
 DATASET_FILE = "dataset.json"
 CHECKPOINT_FILE = "best.pt"
@@ -48,6 +56,21 @@ SEVERITIES = ("high", "medium", "low", "info")
 def models_dir() -> Path:
     """``$CXR_MODELS_DIR`` if set, else the repository's ``models/``."""
     return Path(os.environ.get("CXR_MODELS_DIR") or DEFAULT_MODELS_DIR)
+
+
+def demo_enabled() -> bool:
+    """False when the deployment hides the shipped demo model (``CXR_DEMO=0``)."""
+    return os.environ.get("CXR_DEMO", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def demo_dir() -> Path:
+    """``$CXR_DEMO_DIR`` if set, else the repository's ``assets/demo``."""
+    return Path(os.environ.get("CXR_DEMO_DIR") or DEFAULT_DEMO_DIR)
+
+
+def is_shipped(run_dir: str | Path) -> bool:
+    """A run folder that ships with the repository (it holds ``demo.json``)."""
+    return (Path(run_dir) / DEMO_FILE).is_file()
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,33 @@ def list_runs(root: str | Path | None = None) -> list[RunInfo]:
                             checkpoint=ckpt, report=report if report.is_file() else None,
                             modified=ckpt.stat().st_mtime))
     return sorted(runs, key=lambda r: (-r.modified, r.name))
+
+
+def demo_run(folder: str | Path | None = None) -> RunInfo | None:
+    """The shipped demo run (``folder``, default :func:`demo_dir`) when it is there and not
+    hidden (:func:`demo_enabled`); None otherwise."""
+    if not demo_enabled():
+        return None
+    folder = Path(folder) if folder is not None else demo_dir()
+    ckpt = folder / CHECKPOINT_FILE
+    if not (ckpt.is_file() and is_shipped(folder)):
+        return None
+    report = folder / "report" / "metrics.json"
+    return RunInfo(name=DEMO_NAME, path=folder, checkpoint=ckpt,
+                   report=report if report.is_file() else None, modified=ckpt.stat().st_mtime)
+
+
+def selectable_runs(root: str | Path | None = None,
+                    demo: str | Path | None = None) -> list[RunInfo]:
+    """The runs a user can pick: their own (:func:`list_runs`, newest first, so the newest
+    is the default), then the shipped demo (:func:`demo_run`), which is the active model
+    only on a machine with no run of its own."""
+    found = list_runs(root)
+    shipped = demo_run(demo)
+    if shipped is not None and not any(r.path.resolve() == shipped.path.resolve()
+                                       for r in found):
+        found.append(shipped)
+    return found
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -155,6 +205,11 @@ class RunArtifacts:
     dataset: dict[str, Any] | None
     serving_check: dict[str, Any] | None  # serving.json
     missing: tuple[str, ...] = field(default_factory=tuple)
+    demo: dict[str, Any] | None = None  # demo.json: a run shipped with the repository
+
+    @property
+    def is_demo(self) -> bool:
+        return self.demo is not None
 
     # -- what the checkpoint summary says, with the report and config as fall-backs
 
@@ -252,7 +307,12 @@ class RunArtifacts:
         value = ((self.config or {}).get("data", {}).get("data_dir")
                  or (self.dataset or {}).get("data_dir")
                  or (self.report or {}).get("run", {}).get("data_dir"))
-        return None if not value else str(value)
+        if not value:
+            return None
+        if self.demo is not None and not Path(value).is_absolute():
+            # a shipped run records its data folder relative to the repository's root
+            return os.path.normpath(ROOT / value)
+        return str(value)
 
     @property
     def findings(self) -> list[dict[str, Any]]:
@@ -271,7 +331,7 @@ class RunArtifacts:
 
 
 def _missing(run_dir: Path, summary: Any, report: Any, predictions: Any, dataset: Any,
-             serving_check: Any, data_dir: str | None) -> list[str]:
+             serving_check: Any, data_dir: str | None, shipped: bool = False) -> list[str]:
     """``"what: command"`` for each piece a page may need that the run folder lacks."""
     ckpt = run_dir / CHECKPOINT_FILE
     data = f" --data-dir {data_dir}" if data_dir else " --data-dir <dataset>"
@@ -287,7 +347,7 @@ def _missing(run_dir: Path, summary: Any, report: Any, predictions: Any, dataset
                    f"python -m core.evaluate --checkpoint {ckpt}{data}")
     if dataset is None:
         out.append(f"dataset summary (dataset.json): python -m core.runs dataset {run_dir}{data}")
-    if serving_check is None:
+    if serving_check is None and not shipped:  # a shipped run serves fp32, no check needed
         out.append(f"serving graph and its precision check (serving.json): python -m "
                    f"core.export {run_dir}{data}")
     return out
@@ -316,16 +376,18 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
             log.warning("Cannot read %s: %s", csv, exc)
     dataset = _read_optional(run_dir / DATASET_FILE)
     serving_check = _read_optional(run_dir / SERVING_FILE)
+    demo = (_read_optional(run_dir / DEMO_FILE) or {}) if is_shipped(run_dir) else None
     try:
         root = models_dir()
         name = run_dir.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
-        name = run_dir.name
+        name = DEMO_NAME if demo is not None else run_dir.name
     run = RunArtifacts(name=name, path=run_dir, checkpoint=run_dir / CHECKPOINT_FILE,
                        summary=summary, config=config, history=list(history), report=report,
-                       predictions=predictions, dataset=dataset, serving_check=serving_check)
+                       predictions=predictions, dataset=dataset, serving_check=serving_check,
+                       demo=None if demo is None else dict(demo))
     missing = _missing(run_dir, summary, report, predictions, dataset, serving_check,
-                       run.data_dir)
+                       run.data_dir, shipped=demo is not None)
     return replace(run, missing=tuple(missing))
 
 

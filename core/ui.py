@@ -65,8 +65,19 @@ def load_report(path: str, mtime: float) -> dict[str, Any]:
 
 
 @st.cache_data(ttl=30, show_spinner=False)
+def _selectable_runs(models_dir: str, demo_dir: str) -> list[runs.RunInfo]:
+    return runs.selectable_runs(models_dir, demo_dir or None)
+
+
 def available_runs(models_dir: str) -> list[runs.RunInfo]:
-    return runs.list_runs(models_dir)
+    """The runs under ``models_dir``, newest first, then the shipped demo model unless
+    ``CXR_DEMO=0`` (:func:`core.runs.selectable_runs`); cached for 30 s
+    (``available_runs.clear()`` empties it)."""
+    demo = str(runs.demo_dir()) if runs.demo_enabled() else ""
+    return _selectable_runs(models_dir, demo)
+
+
+available_runs.clear = _selectable_runs.clear  # type: ignore[attr-defined]
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -92,17 +103,22 @@ def pick_run(models_dir: str | Path | None = None) -> runs.RunArtifacts | None:
     if st.session_state.get("run") not in names:
         st.session_state["run"] = names[0]
     choice = st.sidebar.selectbox("Model run", names, key="run",
-                                  help="Runs found under models/, newest first.")
+                                  help="Runs found under models/, newest first; then the "
+                                       "shipped demo model.")
     info = found[names.index(choice)]
-    return _load_run(str(info.path), _stamp(info.path))
+    run = _load_run(str(info.path), _stamp(info.path))
+    demo_notice(run)
+    return run
 
 
 def require_run() -> runs.RunArtifacts:
     """The selected run, or guidance and ``st.stop()`` when there is none."""
     run = pick_run()
     if run is None:
-        st.info(f"No trained model yet. Train one with `{TRAIN_COMMAND}`; it appears here when "
-                "`models/<run>/best.pt` exists.")
+        hidden = (" The shipped demo model is hidden in this deployment (CXR_DEMO=0)."
+                  if not runs.demo_enabled() else "")
+        st.info(f"No trained model yet. Train one with `{TRAIN_COMMAND}`, or on the "
+                f"**Training** page; it appears here when `models/<run>/best.pt` exists.{hidden}")
         st.stop()
     return run
 
@@ -731,3 +747,24 @@ def use_app_navigation() -> None:
         PagesManager.uses_pages_directory = False
         if len(st.session_state) == 0:  # a page load, not a click: a rerun loses nothing
             st.rerun()
+
+
+# ---- demo model ----
+
+
+def demo_notice(run: runs.RunArtifacts) -> None:
+    """The demo model's plain label with its test figures (``core.demo.label``), on every
+    page that shows it (called by :func:`pick_run`); nothing for any other run."""
+    from core import demo
+
+    text = demo.label(run)
+    if text:
+        st.info(text, icon="🧪")
+
+
+def missing_images(run: runs.RunArtifacts, data_dir: Path | None) -> None:
+    """A gallery's note when the run's images are not on this machine, saying how to get
+    them (the demo's: ``core.demo.images_note``)."""
+    from core import demo, explore
+
+    st.info(demo.images_note(run) if run.is_demo else explore.missing_images_text(data_dir))

@@ -58,7 +58,7 @@ samples = explore.sample_paths(manifest, per_class=40) if have_images else {}
 
 st.subheader("Sample images per class")
 if not have_images:
-    st.info(explore.missing_images_text(data_dir))
+    ui.missing_images(run, data_dir)
 else:
     for cls, paths in samples.items():
         st.markdown(f"**{cls.replace('_', ' ')}**")

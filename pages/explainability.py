@@ -50,7 +50,7 @@ if shown.empty:
     st.info("No test image matches these filters.")
     st.stop()
 if not have_images:
-    st.info(explore.missing_images_text(data_dir))
+    ui.missing_images(run, data_dir)
     st.dataframe(shown[columns], hide_index=True, width="stretch")
     st.stop()
 

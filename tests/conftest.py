@@ -32,6 +32,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 for _var in ("CXR_DB_URL", "CXR_AUDIT", "CXR_AUDIT_SPOOL", "CXR_AUDIT_SYNC"):
     os.environ.pop(_var, None)
 os.environ["CXR_DATA_HOME"] = tempfile.mkdtemp(prefix="cxr-test-data-")
+# The shipped demo model (assets/demo) is hidden unless a test shows it (CXR_DEMO=1, with
+# CXR_DEMO_DIR for a demo of its own), so that every other test sees only its own runs; an
+# exported graph of a demo goes to a cache folder of the session's, not the user's.
+os.environ["CXR_DEMO"] = "0"
+os.environ.pop("CXR_DEMO_DIR", None)
+os.environ["CXR_CACHE_HOME"] = tempfile.mkdtemp(prefix="cxr-test-cache-")
 
 
 def require_real() -> Path:
@@ -137,10 +143,12 @@ def small_models(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def no_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``CXR_MODELS_DIR`` pointed at an empty folder: every page's empty state."""
+    """``CXR_MODELS_DIR`` pointed at an empty folder and the demo model hidden
+    (``CXR_DEMO=0``): every page's empty state."""
     empty = tmp_path / "no-models"
     empty.mkdir()
     monkeypatch.setenv("CXR_MODELS_DIR", str(empty))
+    monkeypatch.setenv("CXR_DEMO", "0")
     return empty
 
 
