@@ -134,6 +134,19 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fit(cfg, progress=False).parent
 
 
+@pytest.fixture(scope="session")
+def small_demo(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo folder built from ``small_run`` by ``core.demo.build`` (``--from-run``: int8
+    weights, finished on them), for tests of the demo's build and display; the shipped one
+    is ``assets/demo``. Show it with ``CXR_DEMO=1`` and ``CXR_DEMO_DIR`` at it. Don't
+    modify it."""
+    from core import demo, runs
+
+    data = runs.load_run(small_run).data_dir
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return demo.build(out, data, from_run=small_run, recipe="small-run", progress=False)
+
+
 @pytest.fixture
 def small_models(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``CXR_MODELS_DIR`` pointed at the folder holding ``small_run``; returns the run."""

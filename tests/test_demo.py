@@ -151,14 +151,6 @@ def check_report_reproduced(folder: Path, data_dir: Path, out: Path) -> None:
     assert probs and np.abs(a[probs].to_numpy() - b[probs].to_numpy()).max() <= PROB_TOL
 
 
-@pytest.fixture(scope="module")
-def small_demo(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A demo built from ``small_run`` (``--from-run``) into a folder of its own."""
-    data = runs.load_run(small_run).data_dir
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    return demo.build(out, data, from_run=small_run, recipe="small-run", progress=False)
-
-
 def test_the_build_ships_int8_weights_and_files_that_match_them(small_demo, small_run):
     check_shipped(small_demo)
     doc = json.loads((small_demo / "demo.json").read_text())
