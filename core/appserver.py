@@ -129,8 +129,8 @@ class AppServer:
         self.env = {**os.environ, **(env or {})}
         if models_dir is not None:
             self.env["CXR_MODELS_DIR"] = str(models_dir)
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        self.env["PYTHONPATH"] = os.pathsep.join(  # the app's own core (a clone's in cwd)
+            p for p in (str(self.cwd), os.environ.get("PYTHONPATH", "")) if p)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self._log: IO[bytes] | None = None
