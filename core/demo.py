@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ from typing import Any
 
 from core import runs
 from core.errors import CheckpointError, ConfigError, CXRError
-from core.files import file_sha256, write_json
+from core.files import file_sha256, write_bytes_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,11 @@ def write_weights(source: Path, output: Path, data_rel: str, output_rel: str) ->
         deq = shipped["state_dict"][name].float() * scale.view(view)
         err = ((deq - ckpt["state_dict"][name].float()).abs() / scale.view(view)).max()
         worst = max(worst, float(err))
-    model_lib.save_checkpoint(shipped, output / runs.CHECKPOINT_FILE)
+    # through memory, not torch.save(path): the archive's records are then named "archive/",
+    # not after a temporary file, and the same weights give the same bytes on every build
+    buffer = io.BytesIO()
+    torch.save(shipped, buffer)
+    write_bytes_atomic(output / runs.CHECKPOINT_FILE, buffer.getvalue())
     n_params = sum(int(t.numel()) for t in ckpt["state_dict"].values() if t.is_floating_point())
     n_int8 = sum(int(t.numel()) for t in shipped["state_dict"].values() if t.dtype == torch.int8)
     return {"weight_format": model_lib.INT8_WEIGHT_FORMAT, "parameters": n_params,

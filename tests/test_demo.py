@@ -177,6 +177,28 @@ def test_the_stored_report_is_what_evaluate_gives_for_the_shipped_weights(small_
                             tmp_path / "fresh")
 
 
+def test_the_build_is_deterministic(small_demo, small_run, tmp_path):
+    again = demo.build(tmp_path / "demo", runs.load_run(small_run).data_dir, from_run=small_run,
+                       recipe="small-run", progress=False)
+    first, second = (torch.load(f / "best.pt", map_location="cpu", weights_only=True)
+                     for f in (small_demo, again))
+    assert set(first) == set(second)
+    for key in ("state_dict", "weight_scales"):
+        assert all(torch.equal(first[key][k], second[key][k]) for k in first[key]), key
+    # the same but for where each was built (the checkpoint records its output folder)
+    assert second["train_config"].pop("output") != first["train_config"].pop("output")
+    assert {k: v for k, v in first.items() if k not in ("state_dict", "weight_scales")} == {
+        k: v for k, v in second.items() if k not in ("state_dict", "weight_scales")}
+    for name in ("report/predictions.csv", "manifest.csv", "dataset.json"):
+        assert (again / name).read_bytes() == (small_demo / name).read_bytes(), name
+    configs = [json.loads((f / "config.json").read_text()) for f in (small_demo, again)]
+    for c in configs:
+        c["train"].pop("output")
+    assert configs[0] == configs[1]
+    a, b = (json.loads((f / "report" / "metrics.json").read_text()) for f in (small_demo, again))
+    assert a["overall"] == b["overall"] and a["at_argmax"] == b["at_argmax"]
+
+
 def test_the_demo_is_labelled_with_its_counts_and_test_figures(small_demo):
     run = runs.load_run(small_demo)
     assert run.is_demo and run.name == runs.DEMO_NAME
