@@ -74,13 +74,14 @@ def tree(folder: Path) -> list[tuple[str, int]]:
 def test_a_fresh_clone_classifies_an_uploaded_x_ray_with_the_shipped_demo(clone, tmp_path):
     from core.inference import Predictor
 
-    xray = sorted((REAL_DIR / "COVID" / "images").glob("*.png"))[0]
-    expected = Predictor.from_checkpoint(SHIPPED / "best.pt").predict(xray.read_bytes())
-    report = json.loads((SHIPPED / "report" / "metrics.json").read_text())
-    acc = report["overall"]["accuracy"]["value"]
-    label = demo.label(runs.load_run(SHIPPED))
-    shipped_before = tree(clone / "assets" / "demo")
+    shipped = clone / "assets" / "demo"
+    shipped_before = tree(shipped)
     status_before = git("status", "--porcelain", cwd=clone)
+    xray = sorted((REAL_DIR / "COVID" / "images").glob("*.png"))[0]
+    expected = Predictor.from_checkpoint(shipped / "best.pt").predict(xray.read_bytes())
+    report = json.loads((shipped / "report" / "metrics.json").read_text())
+    acc = report["overall"]["accuracy"]["value"]
+    label = demo.label(runs.load_run(shipped))
     env = {"CXR_DEMO": "1", "CXR_MODELS_DIR": str(clone / "models"),
            "CXR_DEMO_DIR": str(clone / "assets" / "demo"),
            "CXR_CACHE_HOME": str(tmp_path / "user-cache")}
