@@ -212,7 +212,6 @@ def test_the_demo_is_labelled_with_its_counts_and_test_figures(small_demo):
                            "use only.")
     assert (f"Test accuracy {100 * acc['value']:.1f}% (95% CI {100 * acc['ci95'][0]:.1f}%–"
             f"{100 * acc['ci95'][1]:.1f}%)") in text
-    assert demo.label(runs.load_run(runs.load_run(small_demo).path)) == text
     card = (small_demo / "MODEL_CARD.md").read_text()
     for needle in ("Chowdhury", "arXiv:2012.02238", "states no licence", "Shortcut probe",
                    f"{100 * acc['value']:.1f}%", "no Lung Opacity", "Not a medical device",
