@@ -144,6 +144,7 @@ class TrainConfig:
     early_stop_patience: int = 8
     feature_cache_views: int = 1  # head mode: 1 = un-augmented features; >1 adds augmented views
     workers: int = 0
+    cache_images: bool = True  # keep each image's deterministic preparation between epochs
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
