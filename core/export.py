@@ -331,15 +331,15 @@ def open_network(ckpt: dict[str, Any], model: nn.Module, *, source: str = "",
     return net.RuntimeNetwork(graph, widths, runtime, prec), tuple(notes)
 
 
-def open_segmenter(network: net.Network, source: str = "") -> LungSegmenter:
-    """The lung segmenter a predictor serving ``network`` runs: the shipped one, with its
-    U-Net on the same runtime at fp32 when ``network`` is a runtime's (``segmenter.onnx``
-    beside ``source``, exported now when missing or stale; in memory without a writable run
-    folder), else eager torch. Its ``runtime`` says which (``onnx-fp32``, ``torch-fp32``)."""
+def open_segmenter(runtime: str, source: str = "") -> LungSegmenter:
+    """The lung segmenter a predictor whose network runs on ``runtime`` uses: the shipped
+    one, its U-Net on that runtime at fp32 for ``onnx``/``openvino`` (``segmenter.onnx``
+    beside the checkpoint ``source``, exported now when missing or stale; in memory without
+    a checkpoint file or a writable run folder), eager torch for ``torch``. Its ``runtime``
+    attribute says which (``onnx-fp32``, ``torch-fp32``)."""
     from core import lungs
 
     segmenter = lungs.default_segmenter()
-    runtime = getattr(network, "runtime", "torch")
     if runtime == "torch":
         return segmenter
     checkpoint = Path(source) if source and Path(source).is_file() else None

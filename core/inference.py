@@ -297,7 +297,7 @@ class Predictor:
         self._fc_weight = gradcam.classifier_layer(model).weight.detach().float().clone()
         self._net, notes = export.open_network(ckpt, model, source=source, device=self.device,
                                                runtime=runtime, precision=precision)
-        self._segmenter = (export.open_segmenter(self._net, source)  # on the same runtime
+        self._segmenter = (export.open_segmenter(self._net.runtime, source)  # same runtime
                            if self.preprocess.lung_view != "none" else None)
         self.notes = self._static_notes(low) + notes
         self._model_lock = threading.Lock()

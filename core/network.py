@@ -61,6 +61,7 @@ class Network(Protocol):
     """The interface the predictor calls."""
 
     name: str  # "<runtime>-<precision>"
+    runtime: str  # "torch", "onnx" or "openvino"
 
     def __call__(self, x: torch.Tensor) -> NetOutput: ...
 
@@ -125,7 +126,7 @@ class TorchNetwork:
         self._trunk = inference_trunk(self.model)
         self._widths = stage_widths(model)
         prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-        self.name = f"torch-{prec}"
+        self.name, self.runtime = f"torch-{prec}", "torch"
 
     def __call__(self, x: torch.Tensor) -> NetOutput:
         x = x.to(self.device, non_blocking=True)
