@@ -310,7 +310,7 @@ def bench_infer(args: argparse.Namespace) -> int:
     from core.errors import ConfigError
     from core.imaging import decode
     from core.inference import Predictor
-    from core.lungs import DEFAULT_SEGMENTER_PATH
+    from core.lungs import DEFAULT_SEGMENTER_PATH, default_segmenter
     from core.model import (
         CHECKPOINT_FORMAT,
         CHECKPOINT_VERSION,
@@ -447,6 +447,10 @@ def bench_infer(args: argparse.Namespace) -> int:
         print(f"infer: agreement check skipped: no real X-rays at {data_dir}")
 
     if args.memory:
+        # explain's lung focus reads the segmenter's graph from the user's cache: export it
+        # here, so that the fresh processes measure serving, not a one-time export
+        seg = default_segmenter()
+        export.ensure_segmenter_graph(export.cached_segmenter_path(seg), seg)
         env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         (tmp / "more.txt").write_text("\n".join(str(p) for p in paths[:30]))
         for b in predictors:

@@ -180,6 +180,15 @@ def segmenter_graph_path(checkpoint: str | Path) -> Path:
     return Path(checkpoint).parent / SEGMENTER_GRAPH
 
 
+def cached_segmenter_path(segmenter: LungSegmenter) -> Path:
+    """The user's exported copy of a segmenter, for the lung focus of runs without a lung
+    view: ``<data folder>/cache/lung_segmenter.<sha256[:16]>.onnx`` (the data folder of
+    :func:`core.audit.data_dir`, ``CXR_DATA_HOME`` overrides it)."""
+    from core.audit.engine import data_dir
+
+    return data_dir() / "cache" / f"lung_segmenter.{segmenter.sha256[:16]}.onnx"
+
+
 def export_segmenter(segmenter: LungSegmenter) -> bytes:
     """The ONNX graph (bytes) of a lung segmenter's U-Net (normalised input [N, 1, S, S] ->
     ``logits`` [N, 1, S, S], fp32, batch dynamic), with its weights file's SHA-256."""
@@ -207,16 +216,18 @@ def run_segmenter(ckpt: dict[str, Any]) -> LungSegmenter | None:
     return segmenter
 
 
-def ensure_segmenter_graph(checkpoint: str | Path, segmenter: LungSegmenter,
+def ensure_segmenter_graph(path: str | Path, segmenter: LungSegmenter,
                            force: bool = False) -> Path:
-    """``segmenter.onnx`` beside ``checkpoint``, exported now when missing, of other
-    segmenter weights (its stamp is not ``segmenter.sha256``) or ``force``."""
-    path = segmenter_graph_path(checkpoint)
+    """The exported ``segmenter`` at ``path`` (a run's :func:`segmenter_graph_path`, or
+    :func:`cached_segmenter_path`), exported now when missing, of other segmenter weights
+    (its stamp is not ``segmenter.sha256``) or ``force``. Returns ``path``."""
+    path = Path(path)
     if not force and is_current(path, segmenter.sha256):
         return path
     if path.is_file():
         log.info("%s is not the export of the current lung segmenter (hash mismatch): "
-                 "exporting again", path.name)
+                 "exporting again", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, export_segmenter(segmenter))
     return path
 
@@ -230,7 +241,8 @@ def ensure_run_graphs(checkpoint: str | Path, force: bool = False) -> list[Path]
     paths = [ensure_graph(checkpoint, ckpt, force=force)]
     segmenter = run_segmenter(ckpt)
     if segmenter is not None:
-        paths.append(ensure_segmenter_graph(checkpoint, segmenter, force=force))
+        paths.append(ensure_segmenter_graph(segmenter_graph_path(checkpoint), segmenter,
+                                            force=force))
     return paths
 
 
@@ -331,25 +343,25 @@ def open_network(ckpt: dict[str, Any], model: nn.Module, *, source: str = "",
     return net.RuntimeNetwork(graph, widths, runtime, prec), tuple(notes)
 
 
-def open_segmenter(runtime: str, source: str = "") -> LungSegmenter:
+def open_segmenter(runtime: str, source: str = "", *, cache: bool = False) -> LungSegmenter:
     """The lung segmenter a predictor whose network runs on ``runtime`` uses: the shipped
-    one, its U-Net on that runtime at fp32 for ``onnx``/``openvino`` (``segmenter.onnx``
-    beside the checkpoint ``source``, exported now when missing or stale; in memory without
-    a checkpoint file or a writable run folder), eager torch for ``torch``. Its ``runtime``
-    attribute says which (``onnx-fp32``, ``torch-fp32``)."""
+    one, eager torch for ``torch``, else its U-Net on that runtime at fp32. The graph:
+    ``segmenter.onnx`` beside the checkpoint ``source`` (a lung-view run's), or with
+    ``cache`` the user's copy (:func:`cached_segmenter_path`; lung focus of runs without a
+    lung view), exported there when missing or stale; in memory otherwise or where the
+    folder is not writable. Its ``runtime`` attribute says which (``onnx-fp32``...)."""
     from core import lungs
 
     segmenter = lungs.default_segmenter()
     if runtime == "torch":
         return segmenter
-    checkpoint = Path(source) if source and Path(source).is_file() else None
+    path = (segmenter_graph_path(source) if source and Path(source).is_file()
+            else cached_segmenter_path(segmenter) if cache else None)
     graph: Path | bytes
     try:
-        graph = (ensure_segmenter_graph(checkpoint, segmenter) if checkpoint
-                 else export_segmenter(segmenter))
-    except OSError as exc:  # a read-only run folder: export in memory for this process
-        log.warning("Cannot write %s beside %s (%s); exporting in memory", SEGMENTER_GRAPH,
-                    checkpoint, exc)
+        graph = ensure_segmenter_graph(path, segmenter) if path else export_segmenter(segmenter)
+    except OSError as exc:  # a read-only folder: export in memory for this process
+        log.warning("Cannot write %s (%s); exporting in memory", path, exc)
         graph = export_segmenter(segmenter)
     run = net.runtime_session(graph, runtime, "fp32", SEGMENTER_OUTPUTS)
     return segmenter.on_runtime(lambda x: run(x)[0][0, 0], f"{runtime}-fp32")

@@ -77,19 +77,19 @@ def test_onnx_segmenter_masks_agree_with_the_torch_unet_on_real_xrays(torch_seg,
 
 def test_the_sidecar_is_stamped_and_exported_again_when_its_stamp_does_not_match(
         tmp_path, torch_seg):
-    best = tmp_path / "best.pt"  # the sidecar's place; ensure_segmenter_graph needs no more
-    path = export.ensure_segmenter_graph(best, torch_seg)
+    best = tmp_path / "best.pt"
+    path = export.ensure_segmenter_graph(export.segmenter_graph_path(best), torch_seg)
     assert path == tmp_path / "segmenter.onnx"
     assert export.graph_metadata(path)["weights_sha256"] == torch_seg.sha256
     stamp = path.stat().st_mtime_ns
-    assert export.ensure_segmenter_graph(best, torch_seg) == path
+    assert export.ensure_segmenter_graph(path, torch_seg) == path
     assert path.stat().st_mtime_ns == stamp  # current: not exported again
 
     proto = onnx.load(str(path))  # the export of other segmenter weights
     onnx.helper.set_model_props(proto, {**export.graph_metadata(path), "weights_sha256": "0" * 64})
     onnx.save(proto, str(path))
     assert not export.is_current(path, torch_seg.sha256)
-    export.ensure_segmenter_graph(best, torch_seg)
+    export.ensure_segmenter_graph(path, torch_seg)
     assert export.is_current(path, torch_seg.sha256)
     stamp = path.stat().st_mtime_ns
     best.write_bytes(b"")  # open_segmenter serves the sidecar beside an existing checkpoint
@@ -98,7 +98,7 @@ def test_the_sidecar_is_stamped_and_exported_again_when_its_stamp_does_not_match
     assert_same_masks(torch_seg, rebuilt, phantoms(1))
 
     path.write_bytes(b"not an onnx file")  # a damaged sidecar is exported again too
-    export.ensure_segmenter_graph(best, torch_seg)
+    export.ensure_segmenter_graph(path, torch_seg)
     assert export.is_current(path, torch_seg.sha256)
 
 
@@ -144,3 +144,20 @@ def test_training_finish_and_the_cli_export_the_segmenter_for_lung_view_runs_onl
 def test_a_run_without_a_lung_view_has_no_segmenter():
     p = Predictor(make_ckpt(), runtime="torch")
     assert p.segmenter is None and p.predict(phantoms(1)[0]).segmenter == ""
+
+
+def test_lung_focus_without_a_lung_view_segments_on_the_runtime_from_the_user_cache(
+        small_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_DATA_HOME", str(tmp_path / "home"))
+    served = Predictor.from_checkpoint(small_run / "best.pt", device="cpu", runtime="onnx")
+    eager = Predictor.from_checkpoint(small_run / "best.pt", device="cpu", runtime="torch")
+    assert served.segmenter is None  # no lung view: nothing segments before the classifier
+    img = phantoms(1)[0]
+    got, ref = served.explain(img), eager.explain(img)
+    assert got.prediction.segmenter == "" and got.lung_mask is not None
+    assert (got.lung_mask == ref.lung_mask).mean() >= MIN_PIXEL_AGREEMENT
+    assert got.lung_focus == pytest.approx(ref.lung_focus, rel=1e-2)
+    sha = export.file_sha256(lungs.DEFAULT_SEGMENTER_PATH)
+    cached = tmp_path / "home" / "cache" / f"lung_segmenter.{sha[:16]}.onnx"
+    assert export.is_current(cached, sha)  # exported once into the user's cache...
+    assert not (small_run / "segmenter.onnx").exists()  # ...never into the run folder
