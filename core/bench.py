@@ -220,7 +220,9 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
                         "its exported graphs are written beside it")
     p.add_argument("--img-size", type=int, default=224,
                    help="input size of the built checkpoint (default %(default)s)")
-    p.add_argument("--lung-view", choices=("none", "crop", "mask"), default="none",
+    from core.config import LUNG_VIEWS
+
+    p.add_argument("--lung-view", choices=LUNG_VIEWS, default="none",
                    help="lung view of the built checkpoint (with --checkpoint, the run's own): "
                         "with one, the predict time includes the lung segmenter, and its "
                         "share is reported (default %(default)s)")

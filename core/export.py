@@ -22,7 +22,7 @@ Files (sidecars of ``best.pt``, each recording the SHA-256 of the ``best.pt`` it
   screening rule, not only the top-two margin) and OOD flags agreeing on at least 98 %.
   Otherwise fp32.
 
-* ``segmenter.onnx`` (runs with a lung view, ``crop`` or ``mask``): the lung segmenter's
+* ``segmenter.onnx`` (runs with a lung view: not ``none``): the lung segmenter's
   U-Net (:mod:`core.unet`) exported the same way; its metadata holds the SHA-256 of the
   segmenter weights it came from (``assets/lung_segmenter.pt``, the hash the run's
   ``preprocess.segmenter_sha256`` records), and it is exported again when that does not
@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m core.export",
         description="Export a run's network once to one ONNX graph beside best.pt (best.onnx: "
         "logits, layer4 activations and the pooled stage activations the OOD score uses), "
-        "re-exported when best.pt's hash changed; for a run with a lung view (crop or mask) "
+        "re-exported when best.pt's hash changed; for a run with a lung view (not none) "
         "also its lung segmenter (segmenter.onnx, re-exported when the segmenter weights' hash "
         "changed), which then segments on the same runtime. With --data-dir also quantise it "
         "to int8 "

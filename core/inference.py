@@ -37,7 +37,7 @@ on ONNX Runtime at fp32, which keeps PyTorch fp32's decisions; on a GPU, and wit
 ``runtime="torch"``, the eager ``nn.Module``. A reduced precision (bf16 where the CPU runs
 it natively, int8) serves only with ``precision="auto"`` when the run's check passed on
 validation, or when asked for. ``Prediction.network`` says which runtime and precision
-answered. A run with a lung view (``crop``/``mask``) segments each image with the shipped
+answered. A run with a lung view (not ``none``) segments each image with the shipped
 lung segmenter on the same runtime (``segmenter.onnx`` beside ``best.pt``, fp32; the eager
 U-Net with ``runtime="torch"``); ``Prediction.segmenter`` says which. ``python -m core.bench
 infer`` measures them.

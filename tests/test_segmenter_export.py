@@ -128,8 +128,11 @@ def test_a_lung_view_run_served_from_onnx_segments_there_and_crops_like_torch(tm
 
 
 def test_training_finish_and_the_cli_export_the_segmenter_for_lung_view_runs_only(
-        tmp_path, small_run):
-    best = lung_view_run(tmp_path / "mask", view="mask")
+        tmp_path, small_run, capsys):
+    with pytest.raises(SystemExit):
+        export.main(["--help"])
+    assert "segmenter.onnx" in capsys.readouterr().out
+    best = lung_view_run(tmp_path / "soft", view="soft")
     assert export.finish_run(best.parent, None) is None
     sha = export.file_sha256(lungs.DEFAULT_SEGMENTER_PATH)
     assert export.is_current(best.with_suffix(".onnx"), export.file_sha256(best))
