@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the data the run was trained on (default: the run's config.json); "
                          "needed for int8 and the check")
     ap.add_argument("--no-check", dest="check", action="store_false",
-                    help="only export the fp32 graph")
+                    help="only export the fp32 graphs (no int8, no check)")
     ap.add_argument("--force", action="store_true",
                     help="export even when the graphs are current")
     ap.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
