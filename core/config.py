@@ -190,6 +190,7 @@ class RunConfig:
 # (keys are the CLI's argument names, dashes as underscores); any flag given on the command
 # line still wins. ``cpu-lungs`` is the recipe chosen by ``python -m core.bench recipes``
 # (docs/ARCHITECTURE.md, "Training recipe"): from scratch, on a CPU, looking at the lungs.
+DEFAULT_PRESET = "cpu-lungs"  # the Training page's recipe
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-lungs": {
         "weights": "none", "mode": "finetune", "arch": "resnet50", "img_size": 128,
