@@ -189,7 +189,7 @@ class PreparedImage:
     gray: np.ndarray  # the decoded image, for overlays
     box: tuple[int, int, int, int]  # (top, left, bottom, right) the model saw (lung view)
     notes: tuple[str, ...]
-    lung_mask: np.ndarray | None = None  # full resolution; set by crop/mask lung views
+    lung_mask: np.ndarray | None = None  # full resolution; set by crop/mask/soft lung views
 
     @property
     def original_size(self) -> tuple[int, int]:

@@ -6,7 +6,7 @@ every checkpoint):
 1. ``to_gray`` (:mod:`core.pixels`): any 8/16-bit grayscale, RGB, RGBA, LA or palette image -> float32 in
    [0, 1]. 16-bit data is divided by 65535 (its bit depth), never clipped as Pillow's
    ``convert("L")`` would. Alpha is dropped (X-rays carry no transparency).
-2. optional lung view (``crop``/``mask``, see ``core.lungs``) on the full-resolution image.
+2. optional lung view (``crop``/``mask``/``soft``, see ``core.lungs``) on the full-resolution image.
 3. ``resize``: ``letterbox`` keeps the aspect ratio, scales the long side to ``img_size``
    and pads the short side with black, centred (no anatomy is cut or distorted);
    ``stretch`` ignores the aspect ratio.
