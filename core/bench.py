@@ -220,6 +220,12 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
                         "its exported graphs are written beside it")
     p.add_argument("--img-size", type=int, default=224,
                    help="input size of the built checkpoint (default %(default)s)")
+    from core.config import LUNG_VIEWS
+
+    p.add_argument("--lung-view", choices=LUNG_VIEWS, default="none",
+                   help="lung view of the built checkpoint (with --checkpoint, the run's own): "
+                        "with one, the predict time includes the lung segmenter, and its "
+                        "share is reported (default %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="real X-rays for the timed calls and the agreement check (default: "
                         "../shared/data/cxr-real beside the repository, if present)")
@@ -286,7 +292,8 @@ def bench_infer(args: argparse.Namespace) -> int:
     overlay p50 (<= 0.8x), batch throughput (>= 2x), top-1 agreement, operating-point
     decisions and OOD flags against PyTorch fp32 eager on real X-rays, and the resident
     memory a loaded predictor adds after 30 explains and a batch of 16 in a fresh process
-    (<= 250 MB).
+    (<= 250 MB). For a run with a lung view, also the lung segmenter's share of the predict
+    p50 (its ``segment`` on the same images, timed in the same interleaved rounds).
     """
     import io
     import os
@@ -303,7 +310,9 @@ def bench_infer(args: argparse.Namespace) -> int:
     from core.config import PreprocessConfig, to_dict
     from core.devices import cpu_has_native_bf16
     from core.errors import ConfigError
+    from core.imaging import decode
     from core.inference import Predictor
+    from core.lungs import DEFAULT_SEGMENTER_PATH, default_segmenter
     from core.model import (
         CHECKPOINT_FORMAT,
         CHECKPOINT_VERSION,
@@ -323,10 +332,14 @@ def bench_infer(args: argparse.Namespace) -> int:
     else:
         torch.manual_seed(0)
         model = build_model(3, weights="none", arch="resnet50")
-        ckpt_path, origin = tmp / "best.pt", f"random-init resnet50 built at {args.img_size} px"
+        ckpt_path, origin = tmp / "best.pt", (f"random-init resnet50 built at {args.img_size} "
+                                              f"px, lung view {args.lung_view}")
         save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                          "arch": "resnet50", "classes": ["COVID", "Normal", "Viral Pneumonia"],
-                         "preprocess": to_dict(PreprocessConfig(img_size=args.img_size)),
+                         "preprocess": to_dict(PreprocessConfig(
+                             img_size=args.img_size, lung_view=args.lung_view,
+                             segmenter_sha256="" if args.lung_view == "none" else
+                             export.file_sha256(DEFAULT_SEGMENTER_PATH))),
                          "state_dict": model.state_dict()}, ckpt_path)
         del model
     ckpt = load_run_checkpoint(ckpt_path)  # with its calibration and OOD sidecars
@@ -392,6 +405,9 @@ def bench_infer(args: argparse.Namespace) -> int:
         images, gallery = itertools.cycle(pool), itertools.cycle(pool)  # same order for each
         single[f"predict/{b}"] = lambda p=p, it=images: p.predict(next(it))
         single[f"explain/{b}"] = lambda p=p, it=gallery: p.explain(next(it), lung_focus=False)
+        if p.segmenter is not None:  # its share of predict: the same images, the same rounds
+            grays = itertools.cycle([decode(png).gray for png in pool])
+            single[f"segment/{b}"] = lambda s=p.segmenter, it=grays: s.segment(next(it))
     med = _interleaved(single, args.repeats)
     base_ms = med["baseline"] * 1000
     print(f"infer: baseline fp32 eager torchvision resnet50 forward, 1 image at {size} px: "
@@ -410,6 +426,11 @@ def bench_infer(args: argparse.Namespace) -> int:
               f"baseline (target <= 0.6x) | predict + Grad-CAM + overlay p50 {em:.1f} ms = "
               f"{em / base_ms:.2f}x (target <= 0.8x) | batch {args.batch_size} throughput "
               f"{tp:.1f} img/s = {tp / base_tp:.2f}x the baseline's {base_tp:.1f} (target >= 2x)")
+        if f"segment/{b}" in med:
+            sm = med[f"segment/{b}"] * 1000
+            print(f"infer: [{b} = {p.network}] segmenter ({p.segmenter.runtime}, lung view "
+                  f"{p.preprocess.lung_view}): {sm:.1f} ms of {pm:.1f} ms predict p50, "
+                  f"{100 * sm / pm:.0f}%")
 
     if paths:
         reference = net.TorchNetwork(model_from_checkpoint(ckpt), torch.device("cpu"), None)
@@ -428,6 +449,10 @@ def bench_infer(args: argparse.Namespace) -> int:
         print(f"infer: agreement check skipped: no real X-rays at {data_dir}")
 
     if args.memory:
+        # explain's lung focus reads the segmenter's graph from the user's cache: export it
+        # here, so that the fresh processes measure serving, not a one-time export
+        seg = default_segmenter()
+        export.ensure_segmenter_graph(export.cached_segmenter_path(seg), seg)
         env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         (tmp / "more.txt").write_text("\n".join(str(p) for p in paths[:30]))
         for b in predictors:

@@ -144,6 +144,7 @@ class TrainConfig:
     early_stop_patience: int = 8
     feature_cache_views: int = 1  # head mode: 1 = un-augmented features; >1 adds augmented views
     workers: int = 0
+    cache_images: bool = True  # keep each image's deterministic preparation between epochs
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
@@ -189,6 +190,7 @@ class RunConfig:
 # (keys are the CLI's argument names, dashes as underscores); any flag given on the command
 # line still wins. ``cpu-lungs`` is the recipe chosen by ``python -m core.bench recipes``
 # (docs/ARCHITECTURE.md, "Training recipe"): from scratch, on a CPU, looking at the lungs.
+DEFAULT_PRESET = "cpu-lungs"  # the Training page's recipe
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-lungs": {
         "weights": "none", "mode": "finetune", "arch": "resnet50", "img_size": 128,

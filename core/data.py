@@ -455,9 +455,15 @@ class CXRDataset(torch.utils.data.Dataset):
         classes: Sequence[str],
         transform: Transform,
         lung_masks: bool = False,
+        cache: dict[int, np.ndarray] | None = None,
     ) -> None:
         self.root = Path(root)
         self.lung_masks = lung_masks
+        # ``cache`` (training): each image's deterministic preparation (decode, lung view,
+        # resize, CLAHE; ``Transform.prepared``) kept after its first use, so that later
+        # epochs only augment and normalise. Datasets of the same rows and preprocessing may
+        # share one dict. Lives in this process (DataLoader workers each fill their own).
+        self.cache = cache
         self.rows = list(rows)
         self.classes = list(classes)
         self.index = {c: i for i, c in enumerate(self.classes)}
@@ -468,9 +474,20 @@ class CXRDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.cache is not None and not self.lung_masks:
+            u8 = self.cache.get(i)
+            if u8 is None:
+                u8 = self.cache[i] = self.transform.prepared(self._gray(i))[0]
+            return self.transform.finish(u8), self.targets[i]
+        gray = self._gray(i)
+        if not self.lung_masks:
+            return self.transform(gray), self.targets[i]
+        return self._with_lung_mask(i, gray)
+
+    def _gray(self, i: int) -> np.ndarray:
         row = self.rows[i]
         try:
-            gray = load_gray(self.root / row["path"])
+            return load_gray(self.root / row["path"])
         except InvalidImageError as exc:  # the file changed after the manifest was written
             # Never a blank image in its place: it would be trained on or scored silently.
             raise DatasetError(
@@ -478,8 +495,9 @@ class CXRDataset(torch.utils.data.Dataset):
                 "readable when the split manifest was written. Restore the file, or start a "
                 "new run so that the manifest leaves it out."
             ) from exc
-        if not self.lung_masks:
-            return self.transform(gray), self.targets[i]
+
+    def _with_lung_mask(self, i: int, gray: np.ndarray) -> tuple[Any, ...]:
+        row = self.rows[i]
         from core import lungs
         from core.preprocess import mask_to_input
 

@@ -26,7 +26,7 @@ What the build does, deterministically apart from training:
    (``core.model_card``), and checks that the folder holds at most 30 MB.
 
 The serving runtime's exported network (``best.onnx``) does not ship: the predictor exports it
-on first load into the user's cache folder (``core.export.graph_path``), never into the
+on first load into the user's cache folder (``core.export.graph_dir``), never into the
 repository. The weights are replaced only when the recipe changes: each copy stays in the git
 history.
 

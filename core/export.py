@@ -1,5 +1,6 @@
-"""The serving network: a run's classifier exported once to one ONNX graph, beside its
-checkpoint, and the check that decides whether a reduced precision may serve.
+"""The serving network: a run's classifier (and its lung segmenter, for a lung view)
+exported once to ONNX, beside its checkpoint, and the check that decides whether a reduced
+precision may serve.
 
 ``python -m core.export RUN_DIR [--data-dir DATA]``
 
@@ -21,6 +22,14 @@ Files (sidecars of ``best.pt``, each recording the SHA-256 of the ``best.pt`` it
   screening rule, not only the top-two margin) and OOD flags agreeing on at least 98 %.
   Otherwise fp32.
 
+* ``segmenter.onnx`` (runs with a lung view: not ``none``): the lung segmenter's
+  U-Net (:mod:`core.unet`) exported the same way; its metadata holds the SHA-256 of the
+  segmenter weights it came from (``assets/lung_segmenter.pt``, the hash the run's
+  ``preprocess.segmenter_sha256`` records), and it is exported again when that does not
+  match. A predictor serving from a runtime runs it there (:func:`open_segmenter`), with
+  :class:`core.lungs.LungSegmenter`'s own pre- and post-processing; with ``runtime="torch"``
+  the eager U-Net segments.
+
 A checkpoint's old ``int8`` block (the FX quantisation statistics of earlier versions) is
 loaded and ignored, with a note.
 """
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -37,7 +47,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +60,9 @@ from core.files import file_sha256
 from core.model import load_checkpoint, model_from_checkpoint, preprocess_config_of
 from core.runs import SERVING_FILE, is_shipped
 
+if TYPE_CHECKING:
+    from core.lungs import LungSegmenter
+
 log = logging.getLogger(__name__)
 
 EXPORT_VERSION = 1
@@ -57,22 +70,19 @@ MIN_TOP1_AGREEMENT = 0.995
 MAX_DECISION_CHANGES = 0
 MIN_OOD_AGREEMENT = 0.98
 DEFAULT_CALIBRATION_IMAGES = 128
+SEGMENTER_GRAPH = "segmenter.onnx"
+SEGMENTER_OUTPUTS = ("logits",)
 OLD_INT8_NOTE = ("This run holds an int8 block from an earlier version (FX quantisation); it is "
                  "ignored: the serving network is the exported graph (python -m core.export).")
 
 
-CACHE_ENV = "CXR_CACHE_HOME"
-
-
 def cache_dir() -> Path:
-    """The user's cache folder for CXR Insight (``$CXR_CACHE_HOME``, else platformdirs'
-    ``user_cache_dir("cxr-insight")``: ``~/.cache/cxr-insight`` on Linux)."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override)
-    import platformdirs
+    """Where graphs exported on first use are kept outside any run folder: ``cache/`` in the
+    user's CXR Insight folder (:func:`core.audit.engine.data_dir`: ``~/.local/share/
+    cxr-insight`` on Linux; ``CXR_DATA_HOME`` moves it)."""
+    from core.audit.engine import data_dir
 
-    return Path(platformdirs.user_cache_dir("cxr-insight", appauthor=False))
+    return data_dir() / "cache"
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -87,43 +97,56 @@ def _sha_of(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
-def graph_path(checkpoint: str | Path, precision: str = "fp32") -> Path:
-    """``best.onnx`` (fp32) or ``best.int8.onnx`` beside ``best.pt``; for a run that ships
-    with the repository (the demo: ``demo.json`` beside it, :func:`core.runs.is_shipped`),
-    in the user's cache folder instead, ``<cache>/demo-<first 12 hex of best.pt's
-    SHA-256>/``, so that serving it never writes into the repository."""
+def graph_dir(checkpoint: str | Path) -> Path:
+    """The folder of a run's exported graphs: beside ``best.pt``; for a run that ships with
+    the repository (the demo: ``demo.json`` beside it, :func:`core.runs.is_shipped`),
+    ``<cache>/demo-<first 12 hex of best.pt's SHA-256>/`` (:func:`cache_dir`) instead, so
+    that serving it never writes into the repository."""
     p = Path(checkpoint)
-    name = p.stem + (".int8.onnx" if precision == "int8" else ".onnx")
     if is_shipped(p.parent) and p.is_file():
-        return cache_dir() / f"demo-{_sha_of(p)[:12]}" / name
-    return p.with_name(name)
+        return cache_dir() / f"demo-{_sha_of(p)[:12]}"
+    return p.parent
+
+
+def graph_path(checkpoint: str | Path, precision: str = "fp32") -> Path:
+    """``best.onnx`` (fp32) or ``best.int8.onnx`` in :func:`graph_dir` (beside ``best.pt``)."""
+    p = Path(checkpoint)
+    return graph_dir(p) / (p.stem + (".int8.onnx" if precision == "int8" else ".onnx"))
 
 
 # ---------------------------------------------------------------- export
 
 
-def export_graph(model: nn.Module, img_size: int, channels: int = 3,
-                 weights_sha256: str = "") -> bytes:
-    """The ONNX graph (bytes) of a torchvision ResNet's one-pass trunk, fp32, batch dynamic."""
+def _to_onnx(module: nn.Module, example: torch.Tensor, outputs: tuple[str, ...],
+             props: dict[str, str]) -> bytes:
+    """``module`` (input ``x``, batch dynamic) as ONNX bytes by ``torch.onnx.export`` (the
+    ``torch.export``-based exporter), its metadata ``props`` plus the export version."""
     import onnx
 
-    trunk = net.inference_trunk(model.float().cpu().eval())
-    example = torch.zeros(2, channels, img_size, img_size)
-    t0 = time.perf_counter()
     for name in ("onnx_ir", "onnxscript"):  # their passes log every step at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            trunk, (example,), dynamo=True, input_names=["x"], output_names=list(net.OUTPUT_NAMES),
+            module, (example,), dynamo=True, input_names=["x"], output_names=list(outputs),
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             external_data=False, optimize=True, verbose=False)
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, {
-        "weights_sha256": weights_sha256, "cxr_export_version": str(EXPORT_VERSION),
-        "stage_widths": json.dumps(net.stage_widths(model)), "torch": str(torch.__version__)})
-    log.info("Exported the network to ONNX in %.1f s", time.perf_counter() - t0)
+    onnx.helper.set_model_props(proto, {"cxr_export_version": str(EXPORT_VERSION),
+                                        "torch": str(torch.__version__), **props})
     return proto.SerializeToString()
+
+
+def export_graph(model: nn.Module, img_size: int, channels: int = 3,
+                 weights_sha256: str = "") -> bytes:
+    """The ONNX graph (bytes) of a torchvision ResNet's one-pass trunk, fp32, batch dynamic."""
+    trunk = net.inference_trunk(model.float().cpu().eval())
+    t0 = time.perf_counter()
+    data = _to_onnx(trunk, torch.zeros(2, channels, img_size, img_size), net.OUTPUT_NAMES,
+                    {"weights_sha256": weights_sha256,
+                     "stage_widths": json.dumps(net.stage_widths(model))})
+    log.info("Exported the network to ONNX in %.1f s", time.perf_counter() - t0)
+    return data
 
 
 def graph_metadata(path: str | Path) -> dict[str, str]:
@@ -180,6 +203,79 @@ def ensure_graph(checkpoint: str | Path, ckpt: dict[str, Any] | None = None,
                         preprocess_config_of(ckpt).channels, sha)
     _write_atomic(path, data)
     return path
+
+
+# ---------------------------------------------------------------- the lung segmenter
+
+
+def segmenter_graph_path(checkpoint: str | Path) -> Path:
+    """``segmenter.onnx`` in :func:`graph_dir` (beside ``best.pt``): the run's lung
+    segmenter, exported."""
+    return graph_dir(checkpoint) / SEGMENTER_GRAPH
+
+
+def cached_segmenter_path(segmenter: LungSegmenter) -> Path:
+    """The user's exported copy of a segmenter, for the lung focus of runs without a lung
+    view: ``<data folder>/cache/lung_segmenter.<sha256[:16]>.onnx`` (:func:`cache_dir`:
+    the data folder of :func:`core.audit.data_dir`, ``CXR_DATA_HOME`` overrides it)."""
+    return cache_dir() / f"lung_segmenter.{segmenter.sha256[:16]}.onnx"
+
+
+def export_segmenter(segmenter: LungSegmenter) -> bytes:
+    """The ONNX graph (bytes) of a lung segmenter's U-Net (normalised input [N, 1, S, S] ->
+    ``logits`` [N, 1, S, S], fp32, batch dynamic), with its weights file's SHA-256."""
+    model = copy.deepcopy(segmenter.model).float().eval()  # the shared module stays untouched
+    model = model.to(memory_format=torch.contiguous_format)
+    t0 = time.perf_counter()
+    data = _to_onnx(model, torch.zeros(1, 1, segmenter.img_size, segmenter.img_size),
+                    SEGMENTER_OUTPUTS, {"weights_sha256": segmenter.sha256,
+                                        "segmenter_img_size": str(segmenter.img_size)})
+    log.info("Exported the lung segmenter to ONNX in %.1f s", time.perf_counter() - t0)
+    return data
+
+
+def run_segmenter(ckpt: dict[str, Any]) -> LungSegmenter | None:
+    """The segmenter a run's lung view uses (the shipped one, refused with
+    :class:`CheckpointError` when it is not the one the run was trained with), or None for a
+    run without a lung view (``lung_view = "none"``)."""
+    from core import lungs
+
+    cfg = preprocess_config_of(ckpt)
+    if cfg.lung_view == "none":
+        return None
+    segmenter = lungs.default_segmenter()
+    lungs.check_segmenter_hash(cfg, segmenter)
+    return segmenter
+
+
+def ensure_segmenter_graph(path: str | Path, segmenter: LungSegmenter,
+                           force: bool = False) -> Path:
+    """The exported ``segmenter`` at ``path`` (a run's :func:`segmenter_graph_path`, or
+    :func:`cached_segmenter_path`), exported now when missing, of other segmenter weights
+    (its stamp is not ``segmenter.sha256``) or ``force``. Returns ``path``."""
+    path = Path(path)
+    if not force and is_current(path, segmenter.sha256):
+        return path
+    if path.is_file():
+        log.info("%s is not the export of the current lung segmenter (hash mismatch): "
+                 "exporting again", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, export_segmenter(segmenter))
+    return path
+
+
+def ensure_run_graphs(checkpoint: str | Path, force: bool = False) -> list[Path]:
+    """The serving graphs of a run: ``best.onnx`` and, for a run with a lung view,
+    ``segmenter.onnx``; each exported only when missing or stale (or ``force``)."""
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"Checkpoint not found: {checkpoint}")
+    ckpt = load_checkpoint(checkpoint)
+    paths = [ensure_graph(checkpoint, ckpt, force=force)]
+    segmenter = run_segmenter(ckpt)
+    if segmenter is not None:
+        paths.append(ensure_segmenter_graph(segmenter_graph_path(checkpoint), segmenter,
+                                            force=force))
+    return paths
 
 
 # ---------------------------------------------------------------- loading
@@ -277,6 +373,30 @@ def open_network(ckpt: dict[str, Any], model: nn.Module, *, source: str = "",
             graph = export_graph(model, int(preprocess_config_of(ckpt).img_size),
                                  preprocess_config_of(ckpt).channels)
     return net.RuntimeNetwork(graph, widths, runtime, prec), tuple(notes)
+
+
+def open_segmenter(runtime: str, source: str = "", *, cache: bool = False) -> LungSegmenter:
+    """The lung segmenter a predictor whose network runs on ``runtime`` uses: the shipped
+    one, eager torch for ``torch``, else its U-Net on that runtime at fp32. The graph:
+    ``segmenter.onnx`` beside the checkpoint ``source`` (a lung-view run's), or with
+    ``cache`` the user's copy (:func:`cached_segmenter_path`; lung focus of runs without a
+    lung view), exported there when missing or stale; in memory otherwise or where the
+    folder is not writable. Its ``runtime`` attribute says which (``onnx-fp32``...)."""
+    from core import lungs
+
+    segmenter = lungs.default_segmenter()
+    if runtime == "torch":
+        return segmenter
+    path = (segmenter_graph_path(source) if source and Path(source).is_file()
+            else cached_segmenter_path(segmenter) if cache else None)
+    graph: Path | bytes
+    try:
+        graph = ensure_segmenter_graph(path, segmenter) if path else export_segmenter(segmenter)
+    except OSError as exc:  # a read-only folder: export in memory for this process
+        log.warning("Cannot write %s (%s); exporting in memory", path, exc)
+        graph = export_segmenter(segmenter)
+    run = net.runtime_session(graph, runtime, "fp32", SEGMENTER_OUTPUTS)
+    return segmenter.on_runtime(lambda x: run(x)[0][0, 0], f"{runtime}-fp32")
 
 
 # ---------------------------------------------------------------- int8 and the check
@@ -462,15 +582,16 @@ def check_reduced_precisions(run_dir: str | Path, data_dir: str | Path, *,
 
 
 def finish_run(run_dir: str | Path, data_dir: str | Path | None) -> dict[str, Any] | None:
-    """Training's last step: export the graph and, with the data, check reduced precisions.
-    A runtime missing here only logs (the torch network still serves)."""
+    """Training's last step: export the graphs (``best.onnx``; ``segmenter.onnx`` for a run
+    with a lung view) and, with the data, check reduced precisions. A runtime missing here
+    only logs (the torch network still serves)."""
     best = Path(run_dir) / "best.pt"
     if not net.runtime_available(net.DEFAULT_RUNTIME):
         log.warning("%s is not installed: no exported graph; the predictor serves torch",
                     net.DEFAULT_RUNTIME)
         return None
+    ensure_run_graphs(best)
     if data_dir is None:
-        ensure_graph(best)
         return None
     return check_reduced_precisions(run_dir, data_dir)
 
@@ -483,7 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m core.export",
         description="Export a run's network once to one ONNX graph beside best.pt (best.onnx: "
         "logits, layer4 activations and the pooled stage activations the OOD score uses), "
-        "re-exported when best.pt's hash changed. With --data-dir also quantise it to int8 "
+        "re-exported when best.pt's hash changed; for a run with a lung view (not none) "
+        "also its lung segmenter (segmenter.onnx, re-exported when the segmenter weights' hash "
+        "changed), which then segments on the same runtime. With --data-dir also quantise it "
+        "to int8 "
         "(best.int8.onnx) and check every reduced precision this CPU serves against PyTorch "
         f"fp32 on validation (top-1 agreement >= {MIN_TOP1_AGREEMENT:.1%}, no changed decision "
         f"at the operating point, OOD flags >= {MIN_OOD_AGREEMENT:.0%}); serving.json records "
@@ -495,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the data the run was trained on (default: the run's config.json); "
                          "needed for int8 and the check")
     ap.add_argument("--no-check", dest="check", action="store_false",
-                    help="only export the fp32 graph")
-    ap.add_argument("--force", action="store_true", help="export even when the graph is current")
+                    help="only export the fp32 graphs (no int8, no check)")
+    ap.add_argument("--force", action="store_true",
+                    help="export even when the graphs are current")
     ap.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
                     help="training images for int8 activation ranges (0 = all)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -515,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_dir = Path(args.run_dir)
     try:
-        path = ensure_graph(run_dir / "best.pt", force=args.force)
-        log.info("Exported graph: %s", path)
+        for path in ensure_run_graphs(run_dir / "best.pt", force=args.force):
+            log.info("Exported graph: %s", path)
         data_dir = args.data_dir or _run_data_dir(run_dir)
         if args.check and data_dir and Path(data_dir).is_dir():
             check_reduced_precisions(run_dir, data_dir, calibration_images=args.calibration_images)

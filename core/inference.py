@@ -37,7 +37,10 @@ on ONNX Runtime at fp32, which keeps PyTorch fp32's decisions; on a GPU, and wit
 ``runtime="torch"``, the eager ``nn.Module``. A reduced precision (bf16 where the CPU runs
 it natively, int8) serves only with ``precision="auto"`` when the run's check passed on
 validation, or when asked for. ``Prediction.network`` says which runtime and precision
-answered. ``python -m core.bench infer`` measures them.
+answered. A run with a lung view (not ``none``) segments each image with the shipped
+lung segmenter on the same runtime (``segmenter.onnx`` beside ``best.pt``, fp32; the eager
+U-Net with ``runtime="torch"``); ``Prediction.segmenter`` says which. ``python -m core.bench
+infer`` measures them.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,6 +66,9 @@ from core.imaging import DecodedImage, decode
 from core.model import load_checkpoint, preprocess_config_of
 from core.network import TorchNetwork, usable_cpus
 from core.preprocess import build_transform
+
+if TYPE_CHECKING:
+    from core.lungs import LungSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,8 @@ class Prediction:
         decision_rule: the rule that gave ``decision``, in words.
         network: the runtime and precision whose outputs gave this result, e.g. ``onnx-fp32``
             (:mod:`core.network`).
+        segmenter: the runtime and precision of the lung segmenter that made the lung view
+            (``onnx-fp32``, ``torch-fp32``); empty for a run without a lung view.
         notes: what a reader should know (missing statistics, lung-view fallback, EXIF...).
         research_only: the disclaimer to show beside every result.
     """
@@ -121,6 +129,7 @@ class Prediction:
     low_confidence_threshold: float
     decision_rule: str
     network: str = "torch-fp32"
+    segmenter: str = ""
     notes: tuple[str, ...] = ()
     research_only: str = RESEARCH_ONLY
 
@@ -180,7 +189,7 @@ class PreparedImage:
     gray: np.ndarray  # the decoded image, for overlays
     box: tuple[int, int, int, int]  # (top, left, bottom, right) the model saw (lung view)
     notes: tuple[str, ...]
-    lung_mask: np.ndarray | None = None  # full resolution; set by crop/mask lung views
+    lung_mask: np.ndarray | None = None  # full resolution; set by crop/mask/soft lung views
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -288,6 +297,9 @@ class Predictor:
         self._fc_weight = gradcam.classifier_layer(model).weight.detach().float().clone()
         self._net, notes = export.open_network(ckpt, model, source=source, device=self.device,
                                                runtime=runtime, precision=precision)
+        self._segmenter = (export.open_segmenter(self._net.runtime, source)  # same runtime
+                           if self.preprocess.lung_view != "none" else None)
+        self._focus_segmenter: LungSegmenter | None = None  # lung focus without a lung view
         self.notes = self._static_notes(low) + notes
         self._model_lock = threading.Lock()
         # The runtime's graph holds its own weights: keep the module's structure only, and
@@ -303,6 +315,13 @@ class Predictor:
     def network(self) -> str:
         """The runtime and precision that answer, e.g. ``onnx-fp32`` or ``torch-bf16``."""
         return self._net.name
+
+    @property
+    def segmenter(self) -> LungSegmenter | None:
+        """The lung segmenter of the run's lung view (None without one): the shipped U-Net on
+        the network's runtime at fp32 (``segmenter.onnx``), or eager torch with
+        ``runtime="torch"``; its ``runtime`` says which."""
+        return self._segmenter
 
     def torch_model(self) -> nn.Module:
         """The network as an eager ``nn.Module`` (e.g. for ``core.gradcam``'s library methods
@@ -401,7 +420,7 @@ class Predictor:
         if self.preprocess.lung_view != "none":
             from core import lungs
 
-            lv = lungs.apply_lung_view(gray, self.preprocess)
+            lv = lungs.apply_lung_view(gray, self.preprocess, segmenter=self._segmenter)
             view, box = lv.image, tuple(int(v) for v in lv.box)
             if lv.fallback:
                 notes.append(f"Lung view fell back to the whole image: {lv.reason}.")
@@ -411,13 +430,24 @@ class Predictor:
 
     def _lung_mask(self, prep: PreparedImage) -> np.ndarray | None:
         """The lung field of a prepared image: its lung view's, else the shipped segmenter's
-        (None when that finds no plausible lung field)."""
+        on the network's runtime (None when that finds no plausible lung field)."""
         if prep.lung_mask is not None:
             return prep.lung_mask
         from core import lungs
 
-        mask = lungs.default_segmenter().segment(prep.gray)
+        mask = self._lung_focus_segmenter().segment(prep.gray)
         return None if lungs.implausible(mask) else mask
+
+    def _lung_focus_segmenter(self) -> LungSegmenter:
+        """The lung view's segmenter, else (a run without one) the shipped segmenter on the
+        network's runtime, opened on first use (its graph exported once into the user's
+        cache, :func:`core.export.cached_segmenter_path`)."""
+        if self._segmenter is not None:
+            return self._segmenter
+        with self._model_lock:
+            if self._focus_segmenter is None:
+                self._focus_segmenter = export.open_segmenter(self._net.runtime, cache=True)
+            return self._focus_segmenter
 
     # -- the network
 
@@ -476,6 +506,7 @@ class Predictor:
                 low_confidence_threshold=self.low_confidence_threshold,
                 decision_rule=self.decision_rule,
                 network=self.network,
+                segmenter=self._segmenter.runtime if self._segmenter is not None else "",
                 notes=self.notes + prep.notes,
             ))
         return out
@@ -543,7 +574,8 @@ class Predictor:
         default, comes from the forward pass itself); ``target``: a class name or index
         (default: the predicted label); ``alpha``/``colormap``: how the overlay is drawn.
         ``lung_focus``: also give the lung mask and the heatmap's lung-focus ratio (for a
-        ``none`` lung view this runs the shipped segmenter, ~20 ms); ``lung_contour``: draw
+        ``none`` lung view this runs the shipped segmenter on the network's runtime, ~10-20
+        ms; its graph is exported once into the user's cache); ``lung_contour``: draw
         the lung outline on the overlay.
         """
         return self.explain_batch([image], method, target, names=[name], target_layer=target_layer,

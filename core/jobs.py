@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 
 from core import runs
-from core.config import ARCHS, DEFAULT_DATA_DIR, LUNG_VIEWS, MODES
+from core.config import ARCHS, DEFAULT_DATA_DIR, DEFAULT_PRESET, LUNG_VIEWS, MODES, PRESETS
 from core.errors import DatasetError, JobError, JobRunningError, TrainingDisabledError
 from core.progress import PROGRESS_FILE, write_json_atomic
 
@@ -185,19 +185,22 @@ def _hide_root(message: str) -> str:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What the Training page asks for; defaults suit a CPU (a frozen ImageNet backbone, its
-    features computed once: a few minutes for a few thousand images)."""
+    """What the Training page asks for. Defaults: the recipe chosen for a CPU
+    (``core.config.PRESETS["cpu-lungs"]``: from scratch, needs no download, soft lung view,
+    stronger augmentation); the fields set here override the recipe's, the rest of it
+    (augmentation, schedule) comes with ``--preset``."""
 
     data_dir: str
     run_name: str
-    mode: str = "head"
-    epochs: int = 10
-    img_size: int = 224
-    lung_view: str = "none"
-    arch: str = "resnet50"
-    weights: str = "imagenet"
+    mode: str = PRESETS[DEFAULT_PRESET]["mode"]
+    epochs: int = PRESETS[DEFAULT_PRESET]["epochs"]
+    img_size: int = PRESETS[DEFAULT_PRESET]["img_size"]
+    lung_view: str = PRESETS[DEFAULT_PRESET]["lung_view"]
+    arch: str = PRESETS[DEFAULT_PRESET]["arch"]
+    weights: str = PRESETS[DEFAULT_PRESET]["weights"]
     batch_size: int = 32
     max_per_class: int = 0
+    preset: str = DEFAULT_PRESET
 
     def validate(self) -> None:
         if not RUN_NAME.match(self.run_name):
@@ -214,7 +217,8 @@ class TrainSettings:
                            "class 0 (all) or more.")
 
     def command(self, run_dir: Path) -> list[str]:
-        return [sys.executable, "-m", "core.train", "--data-dir", self.data_dir,
+        return [sys.executable, "-m", "core.train", "--preset", self.preset,
+                "--data-dir", self.data_dir,
                 "--output", str(run_dir), "--mode", self.mode, "--epochs", str(self.epochs),
                 "--img-size", str(self.img_size), "--lung-view", self.lung_view,
                 "--arch", self.arch, "--weights", self.weights,

@@ -27,11 +27,13 @@ Research use only: not a medical device.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
 import runpy
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,8 +129,19 @@ def _normalise_u8(u8: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
     return (x - float(prep.get("mean", 0.5))) / float(prep.get("std", 0.25))
 
 
+Forward = Callable[[np.ndarray], np.ndarray]
+"""The network as a function: the normalised input [1, 1, S, S] float32 -> logits [S, S]."""
+
+
 class LungSegmenter:
-    """A trained lung-field segmenter. Build with :meth:`load`; thread-safe for inference."""
+    """A trained lung-field segmenter. Build with :meth:`load`; thread-safe for inference.
+
+    The network runs as eager torch (``runtime = "torch-fp32"``) unless :meth:`on_runtime`
+    gave a copy whose network is an exported graph (:func:`core.export.open_segmenter`):
+    the pre- and post-processing here are the same for both.
+    """
+
+    runtime = "torch-fp32"
 
     def __init__(
         self,
@@ -150,6 +163,19 @@ class LungSegmenter:
         # Logit threshold equivalent to the probability threshold.
         t = min(max(self.threshold, 1e-6), 1 - 1e-6)
         self._logit_threshold = math.log(t / (1 - t))
+        self._forward: Forward = self._torch_forward
+
+    def _torch_forward(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(x))[0, 0].float().numpy()
+
+    def on_runtime(self, forward: Forward, runtime: str) -> LungSegmenter:
+        """A copy of this segmenter (same weights' hash, pre- and post-processing) whose
+        network is ``forward`` instead of the torch module, e.g. the exported graph on ONNX
+        Runtime; ``runtime`` names it (``onnx-fp32``)."""
+        seg = copy.copy(self)
+        seg._forward, seg.runtime = forward, runtime
+        return seg
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_SEGMENTER_PATH) -> LungSegmenter:
@@ -188,9 +214,7 @@ class LungSegmenter:
         """Lung logits at the input image's resolution (float32 HxW)."""
         g = _as_gray(gray)
         h, w = g.shape
-        x = torch.from_numpy(_model_input(g, self.img_size, self.preprocess))[None, None]
-        with torch.inference_mode():
-            out = self.model(x)[0, 0].float().numpy()
+        out = self._forward(_model_input(g, self.img_size, self.preprocess)[None, None])
         if self.preprocess.get("resize_mode", "letterbox") == "letterbox":
             top, left, nh, nw = letterbox_box((h, w), self.img_size)
             out = out[top : top + nh, left : left + nw]

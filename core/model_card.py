@@ -232,8 +232,9 @@ def demo_weights(run: RunArtifacts) -> str:
                  "dequantised weights, not on the fp32 ones: every file beside them matches "
                  "them (each sidecar records the SHA-256 of `best.pt`).")
     lines.append("- Serving: the predictor exports the network to ONNX once, on first load, "
-                 "into the user's cache folder (`~/.cache/cxr-insight/demo-<hash>/` on Linux, "
-                 "`CXR_CACHE_HOME` overrides it), never into the repository.")
+                 "(with its lung segmenter, for a lung view) into the user's CXR Insight "
+                 "folder (`~/.local/share/cxr-insight/cache/demo-<hash>/` on Linux, "
+                 "`CXR_DATA_HOME` moves it), never into the repository.")
     if run.checkpoint.is_file():
         params = f" for {demo['parameters'] / 1e6:.1f} M parameters" if demo.get("parameters") else ""
         lines.append(f"- `best.pt` is {run.checkpoint.stat().st_size / 1e6:.1f} MB{params}.")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -60,6 +61,7 @@ class Network(Protocol):
     """The interface the predictor calls."""
 
     name: str  # "<runtime>-<precision>"
+    runtime: str  # "torch", "onnx" or "openvino"
 
     def __call__(self, x: torch.Tensor) -> NetOutput: ...
 
@@ -124,7 +126,7 @@ class TorchNetwork:
         self._trunk = inference_trunk(self.model)
         self._widths = stage_widths(model)
         prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-        self.name = f"torch-{prec}"
+        self.name, self.runtime = f"torch-{prec}", "torch"
 
     def __call__(self, x: torch.Tensor) -> NetOutput:
         x = x.to(self.device, non_blocking=True)
@@ -173,6 +175,47 @@ def check_precision(runtime: str, precision: str) -> None:
         raise ConfigError(f"runtime={runtime!r} needs the `{pkg}` package (pip install {pkg})")
 
 
+def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
+                    outputs: tuple[str, ...], threads: int = 0,
+                    ) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``run(x) -> [outputs...]``: an ONNX graph (its path or bytes, input ``x``) on ONNX
+    Runtime (``onnx``) or OpenVINO (``openvino``) on the CPU, at ``precision`` (see
+    :func:`check_precision`); thread-safe. ``threads``: intra-op threads (default: torch's
+    setting, at most the CPUs available). The classifier's :class:`RuntimeNetwork` and the
+    lung segmenter's runtime (:func:`core.export.open_segmenter`) both run on it."""
+    check_precision(runtime, precision)
+    threads = threads or min(usable_cpus(), torch.get_num_threads())
+    if runtime == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No arena: activations are freed after each call instead of kept at their peak
+        # (a batch of 16 at 224 px would otherwise hold ~200 MB for the process's life).
+        opts.enable_cpu_mem_arena = False
+        src = graph if isinstance(graph, bytes) else str(graph)
+        session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        names = list(outputs)
+        return lambda x: session.run(names, {"x": x})
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(graph if isinstance(graph, bytes | str) else str(graph))
+    hint = "bf16" if precision == "bf16" else "f32"  # int8 graphs keep their int8 ops
+    compiled = core.compile_model(model, "CPU", {
+        "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY"})
+    outs = [compiled.output(n) for n in outputs]
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        res = compiled(x)  # a fresh infer request per call: thread-safe
+        return [res[o] for o in outs]
+
+    return run
+
+
 class RuntimeNetwork:
     """An exported graph (:mod:`core.export`) on ONNX Runtime or OpenVINO, on the CPU.
 
@@ -183,41 +226,10 @@ class RuntimeNetwork:
 
     def __init__(self, graph: str | Path | bytes, widths: list[int], runtime: str,
                  precision: str, threads: int = 0) -> None:
-        check_precision(runtime, precision)
-        threads = threads or min(usable_cpus(), torch.get_num_threads())
+        self._run = runtime_session(graph, runtime, precision, OUTPUT_NAMES, threads)
         self.name = f"{runtime}-{precision}"
         self._widths = widths
         self.runtime, self.precision = runtime, precision
-        if runtime == "onnx":
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # No arena: activations are freed after each call instead of kept at their peak
-            # (a batch of 16 at 224 px would otherwise hold ~200 MB for the process's life).
-            opts.enable_cpu_mem_arena = False
-            src = graph if isinstance(graph, bytes) else str(graph)
-            self._session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-            self._run = lambda x: self._session.run(list(OUTPUT_NAMES), {"x": x})
-        else:
-            import openvino as ov
-
-            core = ov.Core()
-            model = core.read_model(graph if isinstance(graph, bytes | str) else str(graph))
-            hint = "bf16" if precision == "bf16" else "f32"  # int8 graphs keep their int8 ops
-            compiled = core.compile_model(model, "CPU", {
-                "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
-                "PERFORMANCE_HINT": "LATENCY"})
-            outs = [compiled.output(n) for n in OUTPUT_NAMES]
-            self._compiled = compiled
-
-            def run(x: np.ndarray) -> list[np.ndarray]:
-                res = compiled(x)  # a fresh infer request per call: thread-safe
-                return [res[o] for o in outs]
-
-            self._run = run
 
     def __call__(self, x: torch.Tensor) -> NetOutput:
         arr = np.ascontiguousarray(x.detach().cpu().float().numpy())

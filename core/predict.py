@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: onnx (ONNX Runtime on the graph exported "
                         "beside best.pt, python -m core.export), openvino, or torch (eager "
-                        "PyTorch); auto: onnx on the CPU, torch on a GPU (default auto)")
+                        "PyTorch); auto: onnx on the CPU, torch on a GPU. A run with a lung "
+                        "view segments on the same runtime at fp32 (segmenter.onnx beside "
+                        "best.pt) (default auto)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: fp32 on the CPU unless the run's check (serving.json) let bf16 "
                         "or int8 serve; on a GPU the device's autocast. fp32 keeps PyTorch "

@@ -6,7 +6,7 @@ every checkpoint):
 1. ``to_gray`` (:mod:`core.pixels`): any 8/16-bit grayscale, RGB, RGBA, LA or palette image -> float32 in
    [0, 1]. 16-bit data is divided by 65535 (its bit depth), never clipped as Pillow's
    ``convert("L")`` would. Alpha is dropped (X-rays carry no transparency).
-2. optional lung view (``crop``/``mask``, see ``core.lungs``) on the full-resolution image.
+2. optional lung view (``crop``/``mask``/``soft``, see ``core.lungs``) on the full-resolution image.
 3. ``resize``: ``letterbox`` keeps the aspect ratio, scales the long side to ``img_size``
    and pads the short side with black, centred (no anatomy is cut or distorted);
    ``stretch`` ignores the aspect ratio.
@@ -198,11 +198,21 @@ class Transform:
 
     def with_view(self, gray: np.ndarray, lung_mask: np.ndarray | None = None) -> tuple[torch.Tensor, Any]:
         """The model input and the lung view it was cut from (None for ``lung_view="none"``)."""
+        u8, view = self.prepared(gray, lung_mask)
+        return self.finish(u8), view
+
+    def prepared(self, gray: np.ndarray,
+                 lung_mask: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
+        """The deterministic steps (lung view, resize, CLAHE) -> uint8 S x S, and the view:
+        what a dataset may cache between epochs."""
         view = lung_view(gray, self.cfg, lung_mask)
-        u8 = prepare(gray, self.cfg, view=view)
+        return prepare(gray, self.cfg, view=view), view
+
+    def finish(self, u8: np.ndarray) -> torch.Tensor:
+        """The steps that change per call: augmentation (training only), normalisation."""
         if self.augment is not None:
             u8 = self.augment(u8)
-        return normalize(u8, self.cfg), view
+        return normalize(u8, self.cfg)
 
     def reseed(self, seed: int) -> None:
         if self.augment is not None:

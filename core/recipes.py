@@ -102,15 +102,21 @@ def screen_one(name: str, seed: int, args: argparse.Namespace) -> Path:
     if report.is_file() and (run / "bench.json").is_file():
         log.info("recipe %s seed %d: screened already (%s)", name, seed, report)
         return run
-    cfg = _config(settings, args.data_dir, run, seed, args.split_seed, final=False)
+    trained = run / "trained.json"  # written once training ended: a rerun only evaluates
+    if trained.is_file() and (run / "best.pt").is_file():
+        info = json.loads(trained.read_text())
+    else:
+        cfg = _config(settings, args.data_dir, run, seed, args.split_seed, final=False)
+        t0 = time.perf_counter()
+        fit(cfg, progress=not args.quiet)
+        info = {"recipe": name, "seed": seed, "settings": settings,
+                "train_s": time.perf_counter() - t0, "split": "val"}
+        trained.write_text(json.dumps(info, indent=1) + "\n")
     t0 = time.perf_counter()
-    best = fit(cfg, progress=not args.quiet)
-    train_s = time.perf_counter() - t0
-    evaluate(best, args.data_dir, "val", run / "report", progress=not args.quiet,
+    evaluate(run / "best.pt", args.data_dir, "val", run / "report", progress=not args.quiet,
              n_resamples=args.resamples)
-    (run / "bench.json").write_text(json.dumps(
-        {"recipe": name, "seed": seed, "settings": settings, "train_s": train_s,
-         "eval_s": time.perf_counter() - t0 - train_s, "split": "val"}, indent=1) + "\n")
+    info["eval_s"] = time.perf_counter() - t0
+    (run / "bench.json").write_text(json.dumps(info, indent=1) + "\n")
     return run
 
 

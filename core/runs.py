@@ -42,7 +42,7 @@ DEFAULT_DEMO_DIR = ROOT / "assets" / "demo"
 DEMO_FILE = "demo.json"
 """Marks a run folder that ships with the repository (the demo model, ``core.demo``): its
 provenance and weight format. Such a folder is never written at run time: its exported
-serving graph goes to the user's cache folder (``core.export.graph_path``)."""
+serving graph goes to the user's cache folder (``core.export.graph_dir``)."""
 DEMO_NAME = "demo (shipped)"
 """The demo run's name in the run selector."""
 SUMMARY_FILE = "run.json"

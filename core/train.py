@@ -312,11 +312,15 @@ class Trainer:
         self.classes = manifest.classes
         pp, aug = self.cfg.preprocess, self.cfg.augment
         root = self.cfg.data.data_dir
+        # One cache for the train split's two views (same rows, same preparation), one for val.
+        train_cache, val_cache = ({}, {}) if self.tc.cache_images else (None, None)
         self.train_ds = CXRDataset(root, manifest.split("train"), self.classes,
-                                   build_transform(pp, train=True, augment=aug, seed=self.tc.seed))
+                                   build_transform(pp, train=True, augment=aug, seed=self.tc.seed),
+                                   cache=train_cache)
         self.train_plain_ds = CXRDataset(root, manifest.split("train"), self.classes,
-                                         build_transform(pp))
-        self.val_ds = CXRDataset(root, manifest.split("val"), self.classes, build_transform(pp))
+                                         build_transform(pp), cache=train_cache)
+        self.val_ds = CXRDataset(root, manifest.split("val"), self.classes, build_transform(pp),
+                                 cache=val_cache)
         self.weights = class_weights(self.train_ds.targets, len(self.classes))
         log.info("Classes %s; split sizes %s", self.classes,
                  {s: len(manifest.split(s)) for s in ("train", "val", "test")})
@@ -701,6 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    default=t.channels_last)
     g.add_argument("--workers", type=int, default=t.workers, help="DataLoader workers")
+    g.add_argument("--cache-images", action=argparse.BooleanOptionalAction,
+                   default=t.cache_images,
+                   help="keep each image's decoded, lung-viewed, resized and CLAHE'd form "
+                   "between epochs (about img_size^2 bytes per image; in-process, so it helps "
+                   "most with --workers 0, the CPU default)")
     g.add_argument("--resume", action="store_true", help="continue from <output>/last.pt")
     g.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip calibration and the test report at the end")
@@ -754,7 +763,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         optimizer=args.optimizer, scheduler=args.scheduler, dropout=args.dropout,
         freeze_bn=args.freeze_bn, class_weighted_loss=args.class_weighted_loss,
         weighted_sampler=args.weighted_sampler, early_stop_patience=args.early_stop_patience,
-        feature_cache_views=args.feature_cache_views, workers=args.workers, device=args.device,
+        feature_cache_views=args.feature_cache_views, workers=args.workers,
+        cache_images=args.cache_images, device=args.device,
         precision=args.precision, channels_last=args.channels_last, seed=args.seed,
         resume=args.resume, evaluate=args.evaluate, export=args.export,
         max_steps_per_epoch=args.max_steps_per_epoch,

@@ -28,6 +28,7 @@ if not jobs.training_allowed():
             "`models/` appear in the sidebar.")
     st.stop()
 
+WEIGHTS = ("none", "imagenet")
 MODE_HELP = ("head: the pretrained backbone stays frozen and its features are computed once "
              "(fast on a CPU); finetune: all layers learn (a GPU is advised); staged: head "
              "first, then all layers.")
@@ -158,19 +159,27 @@ if check is not None:
         st.dataframe([{"class": c, "images": n} for c, n in check.counts.items()],
                      hide_index=True)
 
+recipe = jobs.TrainSettings(data_dir="", run_name="")  # the recommended recipe's settings
+st.caption(f"Defaults: the `{recipe.preset}` recipe (from scratch on a CPU, no download, "
+           "soft lung view, stronger augmentation; docs/ARCHITECTURE.md).")
 left, mid, right, last_col = st.columns(4)
-mode = left.selectbox("Mode", MODES, index=MODES.index("head"), key="train_mode", help=MODE_HELP)
-epochs = mid.number_input("Epochs", 1, 500, 10, key="train_epochs")
-img_size = right.number_input("Image size (pixels)", 32, 1024, 224, step=32, key="train_img_size",
+mode = left.selectbox("Mode", MODES, index=MODES.index(recipe.mode), key="train_mode",
+                      help=MODE_HELP)
+epochs = mid.number_input("Epochs", 1, 500, recipe.epochs, key="train_epochs")
+img_size = right.number_input("Image size (pixels)", 32, 1024, recipe.img_size, step=32,
+                              key="train_img_size",
                               help="Images are letterboxed to this square size.")
-lung_view = last_col.selectbox("Lung view", LUNG_VIEWS, key="train_lung_view",
-                               help="crop: crop to the lung field; mask: also blank outside it.")
+lung_view = last_col.selectbox("Lung view", LUNG_VIEWS, index=LUNG_VIEWS.index(recipe.lung_view),
+                               key="train_lung_view",
+                               help="crop: crop to the lung field; mask: also blank outside "
+                               "it; soft: blur and dim outside it.")
 if jobs.run_exists(st.session_state.get("train_run_name", "")):
     st.session_state.pop("train_run_name")  # that name is taken now: offer a fresh one
 with st.expander("Advanced"):
     a, b, c = st.columns(3)
-    arch = a.selectbox("Network", ARCHS, key="train_arch")
-    weights = b.selectbox("Starting weights", ("imagenet", "none"), key="train_weights",
+    arch = a.selectbox("Network", ARCHS, index=ARCHS.index(recipe.arch), key="train_arch")
+    weights = b.selectbox("Starting weights", WEIGHTS, index=WEIGHTS.index(recipe.weights),
+                          key="train_weights",
                           help="imagenet: downloaded once (needs internet the first time); "
                           "none: random start (many more epochs).")
     batch = c.number_input("Batch size", 1, 1024, 32, key="train_batch")

@@ -34,10 +34,9 @@ for _var in ("CXR_DB_URL", "CXR_AUDIT", "CXR_AUDIT_SPOOL", "CXR_AUDIT_SYNC"):
 os.environ["CXR_DATA_HOME"] = tempfile.mkdtemp(prefix="cxr-test-data-")
 # The shipped demo model (assets/demo) is hidden unless a test shows it (CXR_DEMO=1, with
 # CXR_DEMO_DIR for a demo of its own), so that every other test sees only its own runs; an
-# exported graph of a demo goes to a cache folder of the session's, not the user's.
+# exported graph of a demo goes to the session's data folder (its cache/), not the user's.
 os.environ["CXR_DEMO"] = "0"
 os.environ.pop("CXR_DEMO_DIR", None)
-os.environ["CXR_CACHE_HOME"] = tempfile.mkdtemp(prefix="cxr-test-cache-")
 
 
 def require_real() -> Path:

@@ -84,7 +84,7 @@ def test_a_fresh_clone_classifies_an_uploaded_x_ray_with_the_shipped_demo(clone,
     label = demo.label(runs.load_run(shipped))
     env = {"CXR_DEMO": "1", "CXR_MODELS_DIR": str(clone / "models"),
            "CXR_DEMO_DIR": str(clone / "assets" / "demo"),
-           "CXR_CACHE_HOME": str(tmp_path / "user-cache")}
+           "CXR_DATA_HOME": str(tmp_path / "user-data")}
     with appserver.AppServer("Home.py", cwd=clone, env=env, start_timeout=WAIT) as server, \
             appserver.chromium(CHROMIUM) as browser:
         context = browser.new_context(viewport={"width": 1440, "height": 1000})
@@ -113,4 +113,4 @@ def test_a_fresh_clone_classifies_an_uploaded_x_ray_with_the_shipped_demo(clone,
     # serving the demo wrote nothing into the clone: the graph went to the user's cache
     assert tree(clone / "assets" / "demo") == shipped_before
     assert git("status", "--porcelain", cwd=clone) == status_before
-    assert list((tmp_path / "user-cache").glob("demo-*/best.onnx"))
+    assert list((tmp_path / "user-data" / "cache").glob("demo-*/best.onnx"))

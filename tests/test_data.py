@@ -214,3 +214,31 @@ def test_an_image_unreadable_after_the_manifest_fails_with_its_name(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
     with pytest.raises(DatasetError, match=rows[1]["path"]):
         list(loader)
+
+
+def test_image_cache_gives_the_same_inputs_and_reads_each_file_once(tmp_path, monkeypatch):
+    """Training's cache keeps each image's deterministic preparation; the augmented inputs
+    are those of the uncached dataset under the same seeds, and files are read once."""
+    import core.data as data_mod
+    from core.config import AugmentConfig, PreprocessConfig
+    from core.data import CXRDataset
+    from core.preprocess import build_transform
+    from tests.conftest import make_dataset
+
+    root = make_dataset(tmp_path / "ds", per_class=4)
+    rows = [{"path": f"{c}/{c}-{i}.png", "class": c} for c in "ABC" for i in range(4)]
+    pp = PreprocessConfig(img_size=32)
+    aug = AugmentConfig(crop_scale=0.7, gamma=0.2, erase_periphery=0.5)
+    reads = []
+    real = data_mod.load_gray
+    monkeypatch.setattr(data_mod, "load_gray", lambda p: reads.append(p) or real(p))
+    plain = CXRDataset(root, rows, "ABC", build_transform(pp, train=True, augment=aug, seed=1))
+    cached = CXRDataset(root, rows, "ABC", build_transform(pp, train=True, augment=aug, seed=1),
+                        cache={})
+    for epoch in range(3):
+        plain.transform.reseed(epoch)
+        cached.transform.reseed(epoch)
+        for i in range(len(rows)):
+            a, b = plain[i], cached[i]
+            assert a[1] == b[1] and torch.equal(a[0], b[0])
+    assert len(reads) == 3 * len(rows) + len(rows)  # the cached dataset read each file once

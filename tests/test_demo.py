@@ -127,7 +127,7 @@ def check_shipped(folder: Path) -> None:
     for name in ("config.json", "history.json", "dataset.json", "manifest.csv", "demo.json",
                  "MODEL_CARD.md", "report/predictions.csv"):
         assert (folder / name).is_file(), name
-    for name in ("best.onnx", "best.int8.onnx", "last.pt", "serving.json"):
+    for name in ("best.onnx", "best.int8.onnx", "segmenter.onnx", "last.pt", "serving.json"):
         assert not (folder / name).exists(), name
 
 
@@ -237,12 +237,12 @@ def test_serving_the_demo_exports_into_the_cache_never_into_its_folder(small_dem
                                                                         monkeypatch):
     from core.inference import Predictor
 
-    monkeypatch.setenv("CXR_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXR_DATA_HOME", str(tmp_path / "home"))
     before = sorted(p.name for p in small_demo.rglob("*"))
     predictor = Predictor.from_checkpoint(small_demo / "best.pt")
     assert predictor.network == "onnx-fp32"
     sha = file_sha256(small_demo / "best.pt")
-    assert (tmp_path / "cache" / f"demo-{sha[:12]}" / "best.onnx").is_file()
+    assert (tmp_path / "home" / "cache" / f"demo-{sha[:12]}" / "best.onnx").is_file()
     assert sorted(p.name for p in small_demo.rglob("*")) == before
     # the served answer is the report's for a test image
     records = pd.read_csv(small_demo / "report" / "predictions.csv")

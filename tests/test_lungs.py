@@ -277,6 +277,26 @@ def test_apply_lung_view_crop_and_mask_shapes() -> None:
     assert v.box[0] == 0 and v.box[1] == 0 and v.box[2] == 130 and v.box[3] == 215
 
 
+def test_soft_lung_view_keeps_the_lungs_and_blurs_and_dims_the_rest() -> None:
+    h, w = 200, 300
+    rng = np.random.default_rng(2)
+    gray = (rng.random((h, w)) * 0.4 + 0.5).astype(np.float32)  # texture everywhere
+    lung = _rect_mask((h, w), 50, 60, 150, 130) | _rect_mask((h, w), 50, 170, 150, 240)
+    crop = lungs.apply_lung_view(gray, PreprocessConfig(lung_view="crop"), mask=lung)
+    soft = lungs.apply_lung_view(gray, PreprocessConfig(lung_view="soft"), mask=lung)
+    assert soft.box == crop.box and soft.image.shape == crop.image.shape
+    assert soft.image.dtype == np.float32 and not soft.fallback and "blurred" in soft.reason
+    inner = soft.mask.copy()  # well inside the lungs: unchanged
+    inner[:20], inner[-20:], inner[:, :20], inner[:, -20:] = False, False, False, False
+    np.testing.assert_allclose(soft.image[inner], crop.image[inner], atol=1e-3)
+    # between the lungs, outside the field dilated by 9 px (columns 139-161 of the image,
+    # 94-116 of the crop that starts at column 45): dimmed and blurred
+    band_soft, band_crop = soft.image[20:-20, 100:111], crop.image[20:-20, 100:111]
+    assert band_soft.mean() < 0.5 * band_crop.mean()  # dimmed (to about 35 %)
+    assert band_soft.mean() > 0.1 * band_crop.mean()  # not blanked, as "mask" does
+    assert band_soft.std() < 0.3 * band_crop.std()  # the fine texture is gone
+
+
 def test_apply_lung_view_fallbacks() -> None:
     gray = np.zeros((120, 160), np.float32)
     cfg = PreprocessConfig(lung_view="mask")

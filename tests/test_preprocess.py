@@ -120,3 +120,40 @@ def test_shift_augmentation_moves_the_image_and_is_validated():
     for bad in (dict(translate=0.6), dict(scale=-0.1), dict(p=1.5)):
         with pytest.raises(ConfigError):
             AugmentConfig(**bad)
+
+
+def test_stronger_augmentation_is_seeded_off_by_default_and_erases_only_border_bands():
+    from core.errors import ConfigError
+    from core.preprocess import ERASE_MAX_BAND, build_augment
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 64)) * 200 + 40).astype(np.uint8)  # no zero pixel anywhere
+    strong = AugmentConfig(crop_scale=0.6, gamma=0.3, blur=0.5, noise=0.05, erase_periphery=1.0)
+    f1, f2 = (build_augment(strong, seed=3, img_size=64) for _ in range(2))
+    a = [f1(img), f1(img)]
+    assert np.array_equal(a[0], f2(img)) and np.array_equal(a[1], f2(img))  # a seed fixes them
+    assert not np.array_equal(a[0], a[1])
+    assert all(x.shape == img.shape for x in a)
+    assert not np.array_equal(a[0], build_augment(AugmentConfig(), seed=3, img_size=64)(img))
+    # off (the default): the same draws as a config that never heard of these options
+    plain = AugmentConfig(crop_scale=0.0, gamma=0.0, blur=0.0, noise=0.0, erase_periphery=0.0)
+    assert np.array_equal(build_augment(AugmentConfig(), seed=5)(img),
+                          build_augment(plain, seed=5, img_size=64)(img))
+    # border erasing alone: zeros only in bands along the borders, never the centre
+    erase = AugmentConfig(rotate_deg=0.0, brightness=0.0, contrast=0.0, erase_periphery=1.0)
+    band = round(ERASE_MAX_BAND * 64)
+    f = build_augment(erase, seed=0, img_size=64)
+    erased_any = False
+    for _ in range(20):
+        out = f(img)
+        zero = out == 0
+        assert not zero[band:-band, band:-band].any()
+        np.testing.assert_array_equal(out[~zero], img[~zero])  # the rest untouched
+        rows, cols = np.nonzero(zero)
+        erased_any |= bool(zero.any())
+        for r, c in zip(rows, cols, strict=True):  # each zero lies in a full-length band
+            assert zero[r, :].all() or zero[:, c].all()
+    assert erased_any
+    for bad in (dict(crop_scale=0.1), dict(gamma=1.5), dict(blur=2.0), dict(erase_periphery=-1)):
+        with pytest.raises(ConfigError):
+            AugmentConfig(**bad)

@@ -212,3 +212,47 @@ def test_every_finishing_step_runs_at_each_precision(tmp_path, precision):
     if cpu_has_native_bf16():
         ov = Predictor.from_checkpoint(best, device="cpu", runtime="openvino", precision="bf16")
         assert ov.network == "openvino-bf16" and ov.predict(images[0]).label in default.classes
+
+
+@pytest.mark.parametrize("argv, weights, mult", [
+    (["--weights", "none"], "none", 1.0),  # from scratch: the backbone at the head's rate
+    (["--weights", "none", "--backbone-lr-mult", "0.25"], "none", 0.25),  # the user's value wins
+    (["--preset", "cpu-lungs"], "none", 1.0),
+    (["--weights", "imagenet"], "imagenet", 0.1),  # pretrained: keep its features
+])
+def test_backbone_learning_rate_fits_the_weights(tiny_dataset, tmp_path, argv, weights, mult):
+    from core import model as model_lib
+    from core import train
+
+    args = train.parse_args([*argv, "--data-dir", str(tiny_dataset),
+                             "--output", str(tmp_path / "run"), "--arch", "resnet18",
+                             "--lr", "0.002", "--device", "cpu"])
+    cfg = train.config_from_args(args)
+    assert cfg.train.weights == weights and cfg.train.backbone_lr_mult == mult
+    if weights != "none":
+        return  # ImageNet weights can't be downloaded here; the config decides the rate
+    trainer = train.Trainer(cfg, progress=False)
+    trainer.prepare_data()
+    trainer.build()
+    trainer.make_optimizer("finetune")
+    backbone_ids = {id(p) for p in model_lib.backbone_parameters(trainer.net)}
+    lrs = {("backbone" if id(g["params"][0]) in backbone_ids else "head"): g["lr"]
+           for g in trainer.optimizer.param_groups}
+    assert lrs["head"] == pytest.approx(0.002)
+    assert lrs["backbone"] == pytest.approx(0.002 * mult)
+
+
+def test_preset_sets_defaults_that_flags_still_override(tmp_path):
+    from core import train
+    from core.config import PRESETS
+
+    preset = PRESETS["cpu-lungs"]
+    cfg = train.config_from_args(train.parse_args(["--preset", "cpu-lungs"]))
+    assert (cfg.preprocess.lung_view, cfg.preprocess.img_size, cfg.train.epochs) == (
+        preset["lung_view"], preset["img_size"], preset["epochs"])
+    assert cfg.augment.erase_periphery == preset["erase_periphery"]
+    cfg = train.config_from_args(train.parse_args(["--preset", "cpu-lungs", "--epochs", "3",
+                                                   "--lung-view", "none"]))
+    assert cfg.train.epochs == 3 and cfg.preprocess.lung_view == "none"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "no-such-recipe"])
