@@ -21,9 +21,8 @@ from core.config import DEFAULT_DATA_DIR, default_data_dir
 from core.metrics import prevalence_adjusted
 from core.runs import SEVERITIES, RunArtifacts
 
-DATASET_COMMAND = ("kaggle datasets download -d tawsifurrahman/covid19-radiography-database "
-                   "-p data --unzip")
-TRAIN_COMMAND = "python -m core.train --data-dir {data} --output models/resnet50"
+DATASET_COMMAND = "python -m core.data download"  # or the Training page's download button
+TRAIN_COMMAND = "python -m core.train --preset cpu-lungs --data-dir {data} --output models/cpu-lungs"
 PER_CLASS_COLUMNS = {"sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV",
                      "npv": "NPV", "f1": "F1"}
 

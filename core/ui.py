@@ -19,7 +19,7 @@ DISCLAIMER = (
     "Research and education only. CXR Insight is not a medical device and must not be used "
     "for diagnosis or treatment decisions."
 )
-TRAIN_COMMAND = "python -m core.train --data-dir <dataset> --output models/<run>"
+TRAIN_COMMAND = "python -m core.train --preset cpu-lungs --data-dir <dataset> --output models/<run>"
 
 # One colour per class on every page: the Okabe-Ito palette (colour-blind safe).
 CLASS_COLOURS = {

@@ -180,7 +180,7 @@ def test_checklist_names_the_fixing_commands(small, tmp_path, monkeypatch):
     assert checks["Dataset"].ok and checks["Model"].ok and checks["Evaluation report"].ok
     none = {c.what: c for c in overview.checklist(None)}
     assert not none["Model"].ok and "python -m core.train" in none["Model"].command
-    assert not none["Dataset"].ok and "kaggle datasets download" in none["Dataset"].command
+    assert not none["Dataset"].ok and none["Dataset"].command == "python -m core.data download"
     monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
     assert overview.dataset_dir(None) == tmp_path
     gone = replace(small, report=None,
