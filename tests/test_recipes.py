@@ -70,3 +70,14 @@ def test_screen_on_validation_then_train_and_test_the_choice(tmp_path: Path, mon
     assert doc["run"]["split"] == "test"
     assert (final / "best.calibration.json").is_file() and (final / "run.json").is_file()
     assert f"final: {rec['run']} trained in full" in capsys.readouterr().out
+
+
+def test_the_cpu_lungs_preset_is_the_chosen_recipe():
+    from core.config import DEFAULT_PRESET, PRESETS
+
+    chosen = recipes.recipe_settings(recipes.CHOSEN)
+    preset = PRESETS["cpu-lungs"]
+    assert DEFAULT_PRESET == "cpu-lungs"
+    assert {k: preset[k] for k in chosen} == chosen
+    assert set(preset) - set(chosen) <= {"early_stop_patience"}
+    assert preset.get("early_stop_patience", chosen["epochs"]) >= chosen["epochs"]  # no early stop
