@@ -78,9 +78,9 @@ OLD_INT8_NOTE = ("This run holds an int8 block from an earlier version (FX quant
 
 def cache_dir() -> Path:
     """Where graphs exported on first use are kept outside any run folder: ``cache/`` in the
-    user's CXR Insight folder (:func:`core.audit.engine.data_dir`: ``~/.local/share/
-    cxr-insight`` on Linux; ``CXR_DATA_HOME`` moves it)."""
-    from core.audit.engine import data_dir
+    user's CXR Insight folder (:func:`core.files.data_dir`: ``~/.local/share/cxr-insight``
+    on Linux; ``CXR_DATA_HOME`` moves it)."""
+    from core.files import data_dir
 
     return data_dir() / "cache"
 
@@ -217,7 +217,7 @@ def segmenter_graph_path(checkpoint: str | Path) -> Path:
 def cached_segmenter_path(segmenter: LungSegmenter) -> Path:
     """The user's exported copy of a segmenter, for the lung focus of runs without a lung
     view: ``<data folder>/cache/lung_segmenter.<sha256[:16]>.onnx`` (:func:`cache_dir`:
-    the data folder of :func:`core.audit.data_dir`, ``CXR_DATA_HOME`` overrides it)."""
+    the data folder of :func:`core.files.data_dir`, ``CXR_DATA_HOME`` overrides it)."""
     return cache_dir() / f"lung_segmenter.{segmenter.sha256[:16]}.onnx"
 
 

@@ -1,4 +1,5 @@
-"""File primitives shared by the run writers: content hashes and atomic writes (no torch)."""
+"""File primitives shared by the run writers: content hashes, atomic writes and the user's
+data folder (no torch, nothing heavy: the predictor imports it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+APP_NAME = "cxr-insight"
+
+
+def data_dir() -> Path:
+    """The user's data folder for CXR Insight (``CXR_DATA_HOME`` overrides it): the audit
+    log's database and spool, and the cache of graphs exported on first use."""
+    override = os.environ.get("CXR_DATA_HOME")
+    if override:
+        return Path(override).expanduser()
+    from platformdirs import user_data_path
+
+    return user_data_path(APP_NAME, appauthor=False)
 
 
 def file_sha256(path: str | Path) -> str:

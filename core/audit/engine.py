@@ -32,10 +32,10 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 
 from core.errors import ConfigError, CXRError
+from core.files import APP_NAME, data_dir
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "cxr-insight"
 DB_FILE = "audit.db"
 SPOOL_FILE = "audit-spool.jsonl"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -47,16 +47,6 @@ SQLITE_SYNC = ("NORMAL", "FULL")
 
 class AuditSchemaError(CXRError, RuntimeError):
     """The audit database's schema cannot be used by this version (newer, or unknown)."""
-
-
-def data_dir() -> Path:
-    """The user's data folder for CXR Insight (``CXR_DATA_HOME`` overrides it)."""
-    override = os.environ.get("CXR_DATA_HOME")
-    if override:
-        return Path(override).expanduser()
-    from platformdirs import user_data_path
-
-    return user_data_path(APP_NAME, appauthor=False)
 
 
 def default_url() -> str:
