@@ -195,6 +195,10 @@ def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
         # No arena: activations are freed after each call instead of kept at their peak
         # (a batch of 16 at 224 px would otherwise hold ~200 MB for the process's life).
         opts.enable_cpu_mem_arena = False
+        # No spin-waiting between calls: an idle session's threads would otherwise keep both
+        # cores busy for a while after each call, slowing the app's other work (and any other
+        # session, e.g. the lung segmenter's) that runs next.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         src = graph if isinstance(graph, bytes) else str(graph)
         session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         names = list(outputs)
