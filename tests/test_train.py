@@ -105,7 +105,8 @@ def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 def _cli(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data), "--output", str(out), "--arch", "resnet18", "--weights",
-            "none", "--img-size", "32", "--batch-size", "6", "--dropout", "0", "--freeze-bn",
+            "none", "--backbone-lr-mult", "0.1", "--img-size", "32", "--batch-size", "6",
+            "--dropout", "0", "--freeze-bn",
             "--no-augment", "--no-evaluate", "--device", "cpu", "--precision", "fp32", "--seed", "5",
             "--quiet", *extra]
 
@@ -116,7 +117,9 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     BatchNorm is frozen (--freeze-bn) because SyncBatchNorm does not run on CPU; dropout and
     augmentation are off because their random draws are per process; fp32 is pinned because
     ``--precision auto`` trains in bf16 on CPUs with native bf16, whose rounding noise grows
-    far past the tolerance (1.6e-1 of the distance trained, measured here).
+    far past the tolerance (1.6e-1 of the distance trained, measured here); the backbone
+    learns at a tenth of the head's rate, as this tolerance was measured with (at the full
+    rate that Adam takes from scratch by default, float noise reaches 8e-2 in two epochs).
     """
     data = make_dataset(tmp_path / "ds", per_class=20)  # 42 training images: equal shards
     single = tmp_path / "single"
