@@ -69,7 +69,11 @@ def test_screen_on_validation_then_train_and_test_the_choice(tmp_path: Path, mon
     doc = json.loads((final / "report" / "metrics.json").read_text())
     assert doc["run"]["split"] == "test"
     assert (final / "best.calibration.json").is_file() and (final / "run.json").is_file()
-    assert f"final: {rec['run']} trained in full" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"final: {rec['run']} trained in full" in printed
+    acc = doc["at_argmax"]["overall"]["accuracy"]["value"]
+    full = recipes.recipe_settings(rec["run"])["epochs"]  # full length, not the screen's
+    assert f"| {rec['run']} | none | resnet18 | 32 | {full} | light | test (1) | {acc:.3f}" in printed
 
 
 def test_the_cpu_lungs_preset_is_the_chosen_recipe():
