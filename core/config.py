@@ -142,6 +142,10 @@ class TrainConfig:
     class_weighted_loss: bool = True
     weighted_sampler: bool = False
     early_stop_patience: int = 8
+    # Exponential moving average of the weights (and BatchNorm statistics), per optimiser step,
+    # as torchvision's reference recipe's --model-ema: validation, best.pt and serving use the
+    # average. 0 = off; 0.98 averages over roughly the last 50 steps.
+    ema_decay: float = 0.0
     feature_cache_views: int = 1  # head mode: 1 = un-augmented features; >1 adds augmented views
     workers: int = 0
     cache_images: bool = True  # keep each image's deterministic preparation between epochs
@@ -164,6 +168,8 @@ class TrainConfig:
             raise ConfigError("epochs and batch_size must be at least 1")
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError("dropout must lie in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must lie in [0, 1) (0 = no weight averaging)")
         if self.backbone_lr_mult is None:
             object.__setattr__(self, "backbone_lr_mult", default_backbone_lr_mult(self.weights))
         elif self.backbone_lr_mult <= 0:

@@ -68,6 +68,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "soft+aug-224": {"lung_view": "soft", **STRONG_AUG, "img_size": 224},
     "soft+aug-long": {"lung_view": "soft", **STRONG_AUG, "epochs": 24},
     "mask+aug-long": {"lung_view": "mask", **STRONG_AUG, "epochs": 24},
+    # A moving average of the weights (torchvision's reference --model-ema): from-scratch
+    # validation accuracy swings by several points from one epoch to the next, and the
+    # average of the last ~50-100 steps smooths those swings.
+    "soft+aug-ema": {"lung_view": "soft", **STRONG_AUG, "ema_decay": 0.98},
+    "soft+aug-long-ema": {"lung_view": "soft", **STRONG_AUG, "epochs": 24, "ema_decay": 0.99},
 }
 
 

@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
@@ -162,8 +163,10 @@ def train_one_epoch(
     on_step: StepHook | None = None,
     step_offset: int = 0,
     progress: bool = True,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns loss, accuracy, images and images/s."""
+    """One pass over ``loader``; returns loss, accuracy, images and images/s. ``ema``: a
+    weight average updated after every optimiser step."""
     model.train()
     if freeze_bn:
         set_bn_eval(model)
@@ -188,6 +191,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         n = y.shape[0]
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()
@@ -371,6 +376,16 @@ class Trainer:
         sampler_balances = tc.weighted_sampler and self.world == 1
         self.loss_weight = self.weights.to(self.device) if use_weights and not sampler_balances else None
         self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None)
+        # The weight average (--ema-decay) is what validation, best.pt and serving see.
+        self.ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay),
+                                  use_buffers=True) if tc.ema_decay > 0 else None)
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The network validated and saved: the weight average when there is one."""
+        if self.ema is None or int(self.ema.n_averaged) == 0:  # not averaged yet (head epochs)
+            return self.net
+        return self.ema.module
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return weighted_loss(logits, y, self.loss_weight)
@@ -411,7 +426,7 @@ class Trainer:
 
     # -- checkpoints
     def payload(self, epoch: int, val: dict[str, Any], full: bool) -> dict[str, Any]:
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.eval_net.state_dict().items()}
         p: dict[str, Any] = {
             "format": model_lib.CHECKPOINT_FORMAT,
             "version": model_lib.CHECKPOINT_VERSION,
@@ -436,6 +451,9 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                "train_state_dict": ({k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+                                     if self.ema is not None else None),
+                "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
                 "best_f1": self.best_f1,
                 "bad_epochs": self.bad_epochs,
                 "history": self.history,
@@ -452,7 +470,12 @@ class Trainer:
         ckpt = model_lib.load_checkpoint(last)
         if ckpt.get("manifest_sha256") != self.manifest.sha256():
             raise CheckpointError(f"{last} was trained on another data split; cannot resume.")
-        self.net.load_state_dict(ckpt["state_dict"])
+        if self.ema is not None and ckpt.get("train_state_dict") is not None:
+            self.net.load_state_dict(ckpt["train_state_dict"])  # the state_dict is the average
+            self.ema.module.load_state_dict(ckpt["state_dict"])
+            self.ema.n_averaged.fill_(int(ckpt.get("ema_n_averaged", 0)))
+        else:
+            self.net.load_state_dict(ckpt["state_dict"])
         self.make_optimizer(ckpt["phase"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -514,8 +537,8 @@ class Trainer:
             tr = train_one_epoch(self.model, self.loss_fn, self.optimizer, tl, self.device, epoch,
                                  self.amp_dtype, self.scaler, self.channels_last, self.tc.freeze_bn,
                                  self.tc.max_steps_per_epoch, on_step, steps_before,
-                                 self.progress and self.is_main)
-            val = evaluate_epoch(self.net, vl, self.device, self.amp_dtype, self.channels_last)
+                                 self.progress and self.is_main, self.ema)
+            val = evaluate_epoch(self.eval_net, vl, self.device, self.amp_dtype, self.channels_last)
         tr["steps"] = len(tl) if not self.tc.max_steps_per_epoch else min(len(tl), self.tc.max_steps_per_epoch)
         return tr, val
 
@@ -694,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weighted-sampler", action=argparse.BooleanOptionalAction,
                    default=t.weighted_sampler, help="class-balanced sampling (single process)")
     g.add_argument("--early-stop-patience", type=int, default=t.early_stop_patience)
+    g.add_argument("--ema-decay", type=float, default=t.ema_decay,
+                   help="exponential moving average of the weights per step, used for "
+                   "validation, best.pt and serving (0 = off; 0.98 ~ the last 50 steps)")
     g.add_argument("--feature-cache-views", type=int, default=t.feature_cache_views,
                    help="head mode: cached views per image (1 = un-augmented only)")
 
@@ -763,6 +789,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         optimizer=args.optimizer, scheduler=args.scheduler, dropout=args.dropout,
         freeze_bn=args.freeze_bn, class_weighted_loss=args.class_weighted_loss,
         weighted_sampler=args.weighted_sampler, early_stop_patience=args.early_stop_patience,
+        ema_decay=args.ema_decay,
         feature_cache_views=args.feature_cache_views, workers=args.workers,
         cache_images=args.cache_images, device=args.device,
         precision=args.precision, channels_last=args.channels_last, seed=args.seed,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from core.config import AugmentConfig, DataConfig, PreprocessConfig, RunConfig, TrainConfig
+from core.errors import ConfigError
 from core.model import load_checkpoint
 from core.train import class_weights, fit, weighted_loss
 from tests.conftest import ROOT, make_dataset
@@ -50,9 +51,11 @@ def test_class_weighted_loss_is_shard_invariant():
     assert float(whole) == pytest.approx(float(halves), rel=1e-6)
 
 
-def test_killed_run_resumes_and_finishes_like_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_killed_run_resumes_and_finishes_like_an_uninterrupted_one(tmp_path, ema):
+    """Also with a weight average: last.pt keeps both the average and the trained weights."""
     data = make_dataset(tmp_path / "ds", per_class=12)
-    ref = fit(tiny_cfg(data, tmp_path / "ref", epochs=3), progress=False)
+    ref = fit(tiny_cfg(data, tmp_path / "ref", epochs=3, ema_decay=ema), progress=False)
 
     out = tmp_path / "killed"
     script = textwrap.dedent(f"""
@@ -64,20 +67,59 @@ def test_killed_run_resumes_and_finishes_like_an_uninterrupted_one(tmp_path):
         def kill(step):
             if step == 6:  # the second step of epoch 2 (4 steps per epoch)
                 os.kill(os.getpid(), signal.SIGKILL)
-        fit(tiny_cfg(Path({str(data)!r}), Path({str(out)!r}), epochs=3), on_step=kill,
-            progress=False)
+        fit(tiny_cfg(Path({str(data)!r}), Path({str(out)!r}), epochs=3, ema_decay={ema}),
+            on_step=kill, progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert load_checkpoint(out / "last.pt")["epoch"] == 1  # died mid-epoch 2
 
-    fit(tiny_cfg(data, out, epochs=3, resume=True), progress=False)
+    fit(tiny_cfg(data, out, epochs=3, resume=True, ema_decay=ema), progress=False)
     last = load_checkpoint(out / "last.pt")
     assert last["epoch"] == 3
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1, 2, 3]
     ref_last = load_checkpoint(ref.parent / "last.pt")
     assert states_close(last["state_dict"], ref_last["state_dict"]) < 1e-5
+    if ema:
+        assert states_close(last["train_state_dict"], ref_last["train_state_dict"]) < 1e-5
+        assert last["ema_n_averaged"] == ref_last["ema_n_averaged"] == 12  # 4 steps x 3 epochs
+        assert states_close(last["state_dict"], last["train_state_dict"]) > 1e-4
+
+
+def test_weight_average_follows_every_step_and_is_what_best_pt_holds(tmp_path):
+    """--ema-decay d: after each optimiser step avg <- d * avg + (1 - d) * weights (the first
+    step copies); validation and best.pt use the average, last.pt keeps the trained weights
+    too."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from core.train import train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.75), use_buffers=True)
+    loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=5)
+    snaps: list[torch.Tensor] = []
+    train_one_epoch(model, lambda out, y: torch.nn.functional.cross_entropy(out, y),
+                    torch.optim.SGD(model.parameters(), lr=0.5), loader, torch.device("cpu"), 1,
+                    on_step=lambda step: snaps.append(model.weight.detach().clone()),
+                    progress=False, ema=ema)
+    expected = snaps[0]
+    for w in snaps[1:]:
+        expected = 0.75 * expected + 0.25 * w
+    assert len(snaps) == 4
+    assert torch.allclose(ema.module.weight, expected, atol=1e-6)
+    assert not torch.allclose(ema.module.weight, model.weight, atol=1e-3)
+
+    data = make_dataset(tmp_path / "ds", per_class=12)
+    best = fit(tiny_cfg(data, tmp_path / "ema", epochs=1, ema_decay=0.5), progress=False)
+    saved, last = load_checkpoint(best), load_checkpoint(best.parent / "last.pt")
+    assert saved["train_config"]["ema_decay"] == 0.5
+    assert states_close(saved["state_dict"], last["state_dict"]) == 0.0  # best = the average
+    assert states_close(saved["state_dict"], last["train_state_dict"]) > 1e-4
+    with pytest.raises(ConfigError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
 
 
 def test_head_mode_trains_only_the_head_on_cached_features(tmp_path):
