@@ -200,9 +200,10 @@ DEFAULT_PRESET = "cpu-lungs"  # the Training page's recipe
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-lungs": {  # = core.recipes.recipe_settings(core.recipes.CHOSEN) (a test checks it)
         "weights": "none", "mode": "finetune", "arch": "resnet50", "img_size": 128,
-        "lung_view": "soft", "epochs": 12, "scheduler": "cosine", "lr": 1e-3,
-        "early_stop_patience": 12, "crop_scale": 0.7, "gamma": 0.2, "blur": 0.2,
+        "lung_view": "soft", "epochs": 24, "scheduler": "cosine", "lr": 1e-3,
+        "early_stop_patience": 24, "crop_scale": 0.7, "gamma": 0.2, "blur": 0.2,
         "noise": 0.03, "erase_periphery": 0.5, "translate": 0.05, "scale": 0.1,
+        "ema_decay": 0.99,
     },
 }
 

@@ -52,7 +52,7 @@ STRONG_AUG: dict[str, Any] = {
     "translate": 0.05, "scale": 0.1,
 }
 
-CHOSEN = "soft+aug"  # the screen's recommendation; core.config.PRESETS["cpu-lungs"] is it
+CHOSEN = "soft+aug-long-ema"  # the screen's recommendation; core.config.PRESETS["cpu-lungs"] is it
 
 RECIPES: dict[str, dict[str, Any]] = {
     "none": {},

@@ -296,6 +296,7 @@ def test_preset_sets_defaults_that_flags_still_override(tmp_path):
     assert (cfg.preprocess.lung_view, cfg.preprocess.img_size, cfg.train.epochs) == (
         preset["lung_view"], preset["img_size"], preset["epochs"])
     assert cfg.augment.erase_periphery == preset["erase_periphery"]
+    assert cfg.train.ema_decay == preset.get("ema_decay", 0.0)
     cfg = train.config_from_args(train.parse_args(["--preset", "cpu-lungs", "--epochs", "3",
                                                    "--lung-view", "none"]))
     assert cfg.train.epochs == 3 and cfg.preprocess.lung_view == "none"
