@@ -161,7 +161,8 @@ if check is not None:
 
 recipe = jobs.TrainSettings(data_dir="", run_name="")  # the recommended recipe's settings
 st.caption(f"Defaults: the `{recipe.preset}` recipe (from scratch on a CPU, no download, "
-           "soft lung view, stronger augmentation; docs/ARCHITECTURE.md).")
+           "soft lung view, stronger augmentation, a moving average of the weights; "
+           "docs/ARCHITECTURE.md).")
 left, mid, right, last_col = st.columns(4)
 mode = left.selectbox("Mode", MODES, index=MODES.index(recipe.mode), key="train_mode",
                       help=MODE_HELP)
