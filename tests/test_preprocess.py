@@ -81,6 +81,26 @@ def test_transform_output_is_normalised_three_identical_channels():
         assert torch.allclose(v, torch.full_like(v, 102 / 255), atol=1e-5)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_normalisation_is_bit_identical_to_the_torch_formula(channels):
+    """core.preprocess.normalize runs in NumPy (single-threaded); its output must be exactly
+    ``(u8 / 255 - mean) / std`` as torch computes it in float32, for every uint8 value."""
+    from core.preprocess import normalize
+
+    cfg = PreprocessConfig(channels=channels)
+    u8 = np.concatenate([np.arange(256, dtype=np.uint8),
+                         np.random.default_rng(0).integers(0, 256, 256 * 255, dtype=np.uint8)])
+    u8 = u8.reshape(256, 256)
+    x = torch.from_numpy(u8).float().div_(255.0)
+    mean = torch.tensor(cfg.mean[:channels]).view(channels, 1, 1)
+    std = torch.tensor(cfg.std[:channels]).view(channels, 1, 1)
+    expected = (x.unsqueeze(0) - mean) / std
+    out = normalize(u8, cfg)
+    assert out.dtype == torch.float32 and out.shape == (channels, 256, 256)
+    assert out.is_contiguous()
+    assert torch.equal(out, expected)
+
+
 def test_training_augmentation_is_seeded_and_off_for_eval():
     gray = np.random.default_rng(1).random((80, 80)).astype(np.float32)
     cfg = PreprocessConfig(img_size=48)
