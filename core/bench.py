@@ -250,11 +250,22 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
                         "available)")
 
 
-def _interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per contender, timed round-robin so that load changes hit all alike."""
+SETTLE_S = 0.05  # idle time before each timed call (see _interleaved)
+
+
+def _interleaved(contenders: dict[str, Callable[[], object]], repeats: int,
+                 settle_s: float = SETTLE_S) -> dict[str, float]:
+    """Median seconds per contender, timed round-robin so that load changes hit all alike.
+
+    Each timed call starts after ``settle_s`` of idle time, as a request to a server does:
+    PyTorch's OpenMP threads spin-wait for a while after parallel work, and on a 2-core CPU
+    they slow whatever runs next; without the pause, the contender timed right after the
+    eager baseline paid for it (predict + Grad-CAM measured faster than predict alone)."""
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(max(1, repeats)):
         for name, fn in contenders.items():
+            if settle_s > 0:
+                time.sleep(settle_s)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -265,6 +265,13 @@ def _calibration(ckpt: dict[str, Any]) -> tuple[float, bool, dict[str, Any] | No
     return t, raw is not None, op
 
 
+def _stack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Prepared CPU tensors as one batch, copied by NumPy: ``torch.stack`` spreads a copy
+    this size over torch's OpenMP threads, whose spin-wait afterwards slowed the runtime's
+    call that follows by about 3.5 ms on 2 cores (20.1 -> 23.7 ms, ResNet50 at 224 px)."""
+    return torch.from_numpy(np.stack([x.numpy() for x in xs]))
+
+
 class Predictor:
     """A loaded run: predictions, calibrated probabilities, flags and heatmaps.
 
@@ -559,7 +566,7 @@ class Predictor:
         for start in range(0, len(ok), self.batch_size):
             idx = ok[start : start + self.batch_size]
             chunk = [items[i] for i in idx]
-            res = self._net(torch.stack([c.x for c in chunk]))  # type: ignore[union-attr]
+            res = self._net(_stack([c.x for c in chunk]))  # type: ignore[union-attr]
             for i, pred in zip(idx, self._results(res.logits, res.pooled, chunk), strict=True):  # type: ignore[arg-type]
                 out[i] = pred
         return out
@@ -605,7 +612,7 @@ class Predictor:
         for start in range(0, len(ok), self.batch_size):
             idx = ok[start : start + self.batch_size]
             chunk: list[PreparedImage] = [items[i] for i in idx]  # type: ignore[misc]
-            x = torch.stack([c.x for c in chunk])
+            x = _stack([c.x for c in chunk])
             res = self._net(x)
             preds = self._results(res.logits, res.pooled, chunk)
             targets = res.logits.argmax(dim=1) if t_idx is None else torch.full((len(chunk),), t_idx)
