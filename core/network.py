@@ -195,10 +195,15 @@ def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
         # No arena: activations are freed after each call instead of kept at their peak
         # (a batch of 16 at 224 px would otherwise hold ~200 MB for the process's life).
         opts.enable_cpu_mem_arena = False
-        # No spin-waiting between calls: an idle session's threads would otherwise keep both
-        # cores busy for a while after each call, slowing the app's other work (and any other
-        # session, e.g. the lung segmenter's) that runs next.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spin-wait inside a call, never between calls. Within one call the worker threads
+        # spin between operators instead of sleeping: waking a sleeping thread costs tens of
+        # microseconds per operator (ResNet50 at 224 px on 2 cores: 20-21 ms a call, against
+        # 21-37 ms without spinning). ``force_spinning_stop`` ends the spinning when the call
+        # returns: without it, the threads burnt ~45 ms of CPU in the 50 ms after each call,
+        # slowing the app's other work (and any other session, e.g. the lung segmenter's);
+        # with it, 0.1 ms, as without spinning (figures: docs/ARCHITECTURE.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         src = graph if isinstance(graph, bytes) else str(graph)
         session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         names = list(outputs)
@@ -207,15 +212,22 @@ def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
 
     core = ov.Core()
     model = core.read_model(graph if isinstance(graph, bytes | str) else str(graph))
+    # Compiled for one image (a static batch of 1), and a batch runs image by image. With
+    # a dynamic batch, OpenVINO kept the memory of every batch size it had run (a batch of
+    # 16 at 224 px: ~110 MB for the process's life), and a loaded bf16 predictor added
+    # ~330 MB; at batch 1 it adds ~200 MB (docs/ARCHITECTURE.md). At 1-2 CPUs a batch gains
+    # little over a loop of single images anyway: each image already fills the cores.
+    model.reshape(ov.PartialShape([1, *model.input(0).get_partial_shape()[1:]]))
     hint = "bf16" if precision == "bf16" else "f32"  # int8 graphs keep their int8 ops
     compiled = core.compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY"})
+    del model
     outs = [compiled.output(n) for n in outputs]
 
     def run(x: np.ndarray) -> list[np.ndarray]:
-        res = compiled(x)  # a fresh infer request per call: thread-safe
-        return [res[o] for o in outs]
+        res = [compiled(x[i : i + 1]) for i in range(len(x))]  # fresh requests: thread-safe
+        return [np.concatenate([r[o] for r in res]) for o in outs]
 
     return run
 
