@@ -67,6 +67,19 @@ def test_onnx_segmenter_masks_agree_with_the_torch_unet_on_phantoms(torch_seg, o
     assert_same_masks(torch_seg, onnx_seg, phantoms(4) + [phantoms(1, size=180)[0][:, 20:170]])
 
 
+def test_openvino_segmenter_masks_agree_with_the_torch_unet_on_phantoms(torch_seg):
+    """The same graph on OpenVINO (compiled for one image at a time)."""
+    from core import network as net
+
+    if not net.runtime_available("openvino"):
+        pytest.skip("the openvino runtime is not installed (requirements-dev.txt has it)")
+    ov_seg = export.open_segmenter("openvino")
+    assert ov_seg.runtime == "openvino-fp32"
+    img = phantoms(1)[0]
+    assert np.abs(ov_seg.logits(img) - torch_seg.logits(img)).max() < 1e-3
+    assert_same_masks(torch_seg, ov_seg, phantoms(4) + [phantoms(1, size=180)[0][:, 20:170]])
+
+
 def test_onnx_segmenter_masks_agree_with_the_torch_unet_on_real_xrays(torch_seg, onnx_seg):
     real = require_real()
     paths = [p for c in ("COVID", "Normal", "Viral Pneumonia")
