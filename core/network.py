@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +225,14 @@ def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
         "PERFORMANCE_HINT": "LATENCY"})
     del model
     outs = [compiled.output(n) for n in outputs]
+    # One infer request, one call at a time: a request serves a single call (called from two
+    # threads at once, ``compiled(x)``'s shared request raised "Infer Request is busy"), and
+    # one request keeps one set of activations (the cores are busy with one call anyway).
+    request, lock = compiled.create_infer_request(), threading.Lock()
 
     def run(x: np.ndarray) -> list[np.ndarray]:
-        res = [compiled(x[i : i + 1]) for i in range(len(x))]  # fresh requests: thread-safe
+        with lock:  # results are copied out (share_outputs=False) before the next image
+            res = [request.infer({0: x[i : i + 1]}) for i in range(len(x))]
         return [np.concatenate([r[o] for r in res]) for o in outs]
 
     return run
