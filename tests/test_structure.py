@@ -1,6 +1,6 @@
 """The library's shape: no import cycles between core modules (lazy imports included), the
-evaluation split along its flow into modules under 500 lines, the metadata reader in the
-data layer, and ``python -m core.evaluate`` still the entry point."""
+evaluation split along its flow into modules under 500 lines, a small predictor constructor,
+the metadata reader in the data layer, and ``python -m core.evaluate`` still the entry point."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def test_evaluation_modules_are_under_500_lines() -> None:
     for name in ("evaluate", "scoring", "calibration", "report", "metadata", "sidecars"):
         n = len((CORE / f"{name}.py").read_text().splitlines())
         assert n < 500, f"core/{name}.py has {n} lines"
+
+
+def test_the_predictor_constructor_stays_small() -> None:
+    """The runtime issue's bound: ``Predictor.__init__`` under 40 lines (it prepares, opens
+    one network through ``core.export.open_network`` and keeps what results need)."""
+    tree = ast.parse((CORE / "inference.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    n = init.end_lineno - init.lineno + 1
+    assert n < 40, f"Predictor.__init__ has {n} lines"
 
 
 def test_metadata_parsing_lives_in_the_data_layer() -> None:
