@@ -215,9 +215,10 @@ def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
     model = core.read_model(graph if isinstance(graph, bytes | str) else str(graph))
     # Compiled for one image (a static batch of 1), and a batch runs image by image. With
     # a dynamic batch, OpenVINO kept the memory of every batch size it had run (a batch of
-    # 16 at 224 px: ~110 MB for the process's life), and a loaded bf16 predictor added
-    # ~330 MB; at batch 1 it adds ~200 MB (docs/ARCHITECTURE.md). At 1-2 CPUs a batch gains
-    # little over a loop of single images anyway: each image already fills the cores.
+    # 16 at 224 px: ~110 MB for the process's life); a loaded predictor after 30 explains
+    # and a batch of 16 now adds 357 MB at fp32 (was 463) and 312 MB at bf16 (was 328)
+    # (docs/ARCHITECTURE.md). On 2 CPUs the loop lost no throughput (fp32 2.60x the eager
+    # baseline, against 2.52x with batches of 16): each image already fills the cores.
     model.reshape(ov.PartialShape([1, *model.input(0).get_partial_shape()[1:]]))
     hint = "bf16" if precision == "bf16" else "f32"  # int8 graphs keep their int8 ops
     compiled = core.compile_model(model, "CPU", {
