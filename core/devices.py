@@ -6,6 +6,7 @@ Kept free of scikit-learn and SciPy so that inference can import it without thei
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -84,6 +85,48 @@ def trim_heap() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc (musl...): nothing to do
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+_MADV_PAGEOUT = 21  # linux/mman-common.h; Linux 5.4 and later
+
+
+def page_out_file(path: str | os.PathLike[str]) -> int:
+    """Ask Linux to reclaim this process's resident pages of every mapping of ``path``
+    (``madvise(MADV_PAGEOUT)``); returns how many bytes of mappings were asked (0 where
+    nothing is mapped, or off Linux, or on a kernel before 5.4).
+
+    Safe for any file mapping: a clean page of a file is dropped and read back from the file
+    if it is touched again, so the mapping's content never changes; pages shared with
+    another process are left alone by the kernel. Used where a runtime keeps a weights file
+    mapped that it no longer reads (``core.network``: OpenVINO's bf16 network keeps its fp32
+    source weights mapped beside the bf16 copies it computes with)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    target = os.path.realpath(path)
+    ranges = []
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                ranges.append((lo, hi - lo))
+    if not ranges:
+        return 0
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    asked = 0
+    for start, length in ranges:
+        if madvise(start, length, _MADV_PAGEOUT) == 0:  # EINVAL before Linux 5.4: skip
+            asked += length
+    return asked
 
 
 def release_free_memory() -> None:

@@ -30,6 +30,11 @@ Files (sidecars of ``best.pt``, each recording the SHA-256 of the ``best.pt`` it
   :class:`core.lungs.LungSegmenter`'s own pre- and post-processing; with ``runtime="torch"``
   the eager U-Net segments.
 
+OpenVINO reads a graph from its own format (IR: ``.xml`` + ``.bin``), converted once from
+the ONNX file into the user's cache (:func:`openvino_ir`), so that it maps the weights from
+the ``.bin`` instead of copying them (at bf16, :mod:`core.network` then hands the fp32 source
+weights' pages back after the first call).
+
 A checkpoint's old ``int8`` block (the FX quantisation statistics of earlier versions) is
 loaded and ignored, with a note.
 """
@@ -205,6 +210,48 @@ def ensure_graph(checkpoint: str | Path, ckpt: dict[str, Any] | None = None,
     return path
 
 
+def openvino_ir(onnx_path: str | Path) -> Path:
+    """OpenVINO's own format (IR) of an ONNX graph: ``<cache>/openvino/<name>.<SHA-256 of
+    the ONNX file, 16 hex>.xml`` and its ``.bin`` (:func:`cache_dir`), converted now when
+    missing (``ov.save_model``, weights kept fp32). The graph is the same; read from an IR,
+    OpenVINO maps the weights from the ``.bin`` instead of copying them into the process.
+    Raises ``OSError`` where the cache cannot be written."""
+    import openvino as ov
+
+    onnx_path = Path(onnx_path)
+    folder = cache_dir() / "openvino"
+    xml = folder / f"{onnx_path.stem}.{_sha_of(onnx_path)[:16]}.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return xml
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp = folder / f"{xml.stem}.tmp-{os.getpid()}.xml"
+    try:
+        ov.save_model(ov.Core().read_model(str(onnx_path)), str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp, xml)  # last: an .xml is only ever beside its complete .bin
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    log.info("Converted %s to OpenVINO's format in %.1f s", onnx_path.name,
+             time.perf_counter() - t0)
+    return xml
+
+
+def _runtime_graph(graph: Path, runtime: str) -> Path:
+    """The file ``runtime`` reads for the ONNX graph ``graph``: itself, or for OpenVINO its
+    IR (:func:`openvino_ir`; the ONNX file where the cache cannot be written)."""
+    if runtime != "openvino":
+        return graph
+    try:
+        return openvino_ir(graph)
+    except OSError as exc:
+        log.warning("Cannot write OpenVINO's copy of %s (%s); reading the ONNX file",
+                    graph.name, exc)
+        return graph
+
+
 # ---------------------------------------------------------------- the lung segmenter
 
 
@@ -319,6 +366,20 @@ def auto_precision(checkpoint: Path | None, runtime: str, sha: str = "") -> str:
     return "fp32"
 
 
+AUTO_SERVING = (("openvino", "bf16"), ("onnx", "int8"))
+"""What ``runtime="auto", precision="auto"`` tries on the CPU, fastest first, before fp32 on
+:data:`core.network.DEFAULT_RUNTIME`: each only where its runtime is installed and the run's
+check (``serving.json``) passed for these weights on this machine (:func:`auto_precision`)."""
+
+
+def auto_serving(checkpoint: Path | None, sha: str = "") -> tuple[str, str]:
+    """``(runtime, precision)`` for ``runtime="auto", precision="auto"`` on the CPU."""
+    for runtime, prec in AUTO_SERVING:
+        if net.runtime_available(runtime) and auto_precision(checkpoint, runtime, sha) == prec:
+            return runtime, prec
+    return net.DEFAULT_RUNTIME, "fp32"
+
+
 def resolve_runtime(runtime: str, device: torch.device) -> str:
     if runtime not in net.RUNTIMES:
         raise ConfigError(f"runtime={runtime!r} is not valid; choose one of: {', '.join(net.RUNTIMES)}")
@@ -342,6 +403,13 @@ def open_network(ckpt: dict[str, Any], model: nn.Module, *, source: str = "",
     notes = [OLD_INT8_NOTE] if ckpt.get("int8") is not None else []
     if notes:
         log.info("%s", OLD_INT8_NOTE)
+    checkpoint = Path(source) if source and Path(source).is_file() else None
+    sha = _sha_of(checkpoint) if checkpoint else ""
+    if runtime == "auto" and device.type == "cpu" and net.runtime_available(net.DEFAULT_RUNTIME):
+        if precision == "auto":
+            runtime, precision = auto_serving(checkpoint, sha)
+        elif precision == "bf16" and net.runtime_available("openvino"):
+            runtime = "openvino"  # the runtime that serves bf16 on the CPU
     runtime = resolve_runtime(runtime, device)
     if runtime == "torch":
         if precision == "int8":
@@ -350,15 +418,14 @@ def open_network(ckpt: dict[str, Any], model: nn.Module, *, source: str = "",
         # fp32 on the CPU for "auto": the same image gets the same answer on every CPU.
         prec = "fp32" if precision == "auto" and device.type == "cpu" else precision
         return net.TorchNetwork(model, device, resolve_precision(prec, device)), tuple(notes)
-    checkpoint = Path(source) if source and Path(source).is_file() else None
-    sha = file_sha256(checkpoint) if checkpoint else ""
     prec = auto_precision(checkpoint, runtime, sha) if precision == "auto" else precision
     widths = net.stage_widths(model)
     if prec == "int8":
         if checkpoint is None or not is_current(graph_path(checkpoint, "int8"), sha):
             raise ConfigError("No int8 graph of these weights: run `python -m core.export RUN_DIR "
                               "--data-dir DATA` (it quantises and checks it)")
-        return net.RuntimeNetwork(graph_path(checkpoint, "int8"), widths, runtime, prec), tuple(notes)
+        return net.RuntimeNetwork(_runtime_graph(graph_path(checkpoint, "int8"), runtime), widths,
+                                  runtime, prec), tuple(notes)
     net.check_precision(runtime, prec)
     graph: Path | bytes
     if checkpoint is None:
@@ -366,7 +433,7 @@ def open_network(ckpt: dict[str, Any], model: nn.Module, *, source: str = "",
                              preprocess_config_of(ckpt).channels)
     else:
         try:
-            graph = ensure_graph(checkpoint, ckpt)
+            graph = _runtime_graph(ensure_graph(checkpoint, ckpt), runtime)
         except OSError as exc:  # a read-only run folder: export in memory for this process
             log.warning("Cannot write the exported graph beside %s (%s); exporting in memory",
                         checkpoint, exc)
