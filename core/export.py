@@ -63,7 +63,7 @@ from core.devices import cpu_has_native_bf16, resolve_precision
 from core.errors import CheckpointError, ConfigError, CXRError
 from core.files import file_sha256
 from core.model import load_checkpoint, model_from_checkpoint, preprocess_config_of
-from core.runs import SERVING_FILE, is_shipped
+from core.runs import AUTO_SERVING, SERVING_FILE, is_shipped
 
 if TYPE_CHECKING:
     from core.lungs import LungSegmenter
@@ -366,14 +366,11 @@ def auto_precision(checkpoint: Path | None, runtime: str, sha: str = "") -> str:
     return "fp32"
 
 
-AUTO_SERVING = (("openvino", "bf16"), ("onnx", "int8"))
-"""What ``runtime="auto", precision="auto"`` tries on the CPU, fastest first, before fp32 on
-:data:`core.network.DEFAULT_RUNTIME`: each only where its runtime is installed and the run's
-check (``serving.json``) passed for these weights on this machine (:func:`auto_precision`)."""
-
-
 def auto_serving(checkpoint: Path | None, sha: str = "") -> tuple[str, str]:
-    """``(runtime, precision)`` for ``runtime="auto", precision="auto"`` on the CPU."""
+    """``(runtime, precision)`` for ``runtime="auto", precision="auto"`` on the CPU: the
+    first of :data:`core.runs.AUTO_SERVING` whose runtime is installed and whose check passed
+    for these weights on this CPU (:func:`auto_precision`), else fp32 on
+    :data:`core.network.DEFAULT_RUNTIME`."""
     for runtime, prec in AUTO_SERVING:
         if net.runtime_available(runtime) and auto_precision(checkpoint, runtime, sha) == prec:
             return runtime, prec

@@ -171,19 +171,33 @@ def predictor_files(checkpoint: str | Path) -> tuple[tuple[str, float], ...]:
     return tuple(sorted((str(p), p.stat().st_mtime) for p in files))
 
 
+AUTO_SERVING = (("openvino", "bf16"), ("onnx", "int8"))
+"""What the predictor's default settings (``runtime="auto", precision="auto"``) serve on a
+CPU, fastest first, before fp32 on ONNX Runtime: each only where the run's check
+(``serving.json``, of these weights) passed for it, its runtime is installed and, for bf16,
+the CPU runs bf16 natively (``core.export.auto_serving``)."""
+
+_SERVING_TEXT = {
+    "openvino-bf16": "bf16 graph on OpenVINO where the CPU runs bf16 natively (passed its check "
+                     "against fp32); fp32 graph on ONNX Runtime elsewhere",
+    "onnx-int8": "int8 graph on ONNX Runtime (passed its check against fp32)",
+    "onnx-fp32": "fp32 graph on ONNX Runtime (the same decisions as PyTorch fp32)",
+}
+
+
 def serving(check: dict[str, Any] | None, weights_sha256: str | None = None) -> dict[str, str]:
-    """How ``core.inference.Predictor`` serves a run on a CPU with its default settings: the
-    exported graph on ONNX Runtime (``core.network.DEFAULT_RUNTIME``), int8 when the run's
-    check (``serving.json``, of these weights) passed for it, else fp32. Pure: needs no
-    torch."""
+    """How ``core.inference.Predictor`` serves a run on a CPU with its default settings
+    (:data:`AUTO_SERVING`): the first reduced precision whose check (``serving.json``, of
+    these weights) passed, else the fp32 graph on ONNX Runtime
+    (``core.network.DEFAULT_RUNTIME``). Pure: needs no torch."""
     checks = (check or {}).get("checks", {})
     current = check is not None and (weights_sha256 is None
                                      or check.get("weights_sha256") == weights_sha256)
-    if current and checks.get("onnx-int8", {}).get("passed"):
-        return {"runtime": "onnx", "network": "onnx-int8", "precision": "int8",
-                "text": "int8 graph on ONNX Runtime (passed its check against fp32)"}
-    return {"runtime": "onnx", "network": "onnx-fp32", "precision": "fp32",
-            "text": "fp32 graph on ONNX Runtime (the same decisions as PyTorch fp32)"}
+    passed = [f"{r}-{p}" for r, p in AUTO_SERVING if current and checks.get(f"{r}-{p}", {}).get("passed")]
+    network = (passed or ["onnx-fp32"])[0]
+    runtime, _, precision = network.partition("-")
+    return {"runtime": runtime, "network": network, "precision": precision,
+            "text": _SERVING_TEXT[network]}
 
 
 @dataclass(frozen=True, eq=False)

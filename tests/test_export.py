@@ -4,6 +4,7 @@ reduced-precision check, old int8 blocks."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from core import export
 from core import network as net
 from core.data import load_manifest
+from core.devices import cpu_has_native_bf16
 from core.inference import Predictor
 from core.model import load_checkpoint, save_checkpoint
 from tests.test_inference import make_ckpt, xray_like
@@ -116,6 +118,135 @@ def test_runtime_threads_work_during_a_call_and_rest_between_calls():
         idle.append(time.process_time() - t1)
     assert busy > 0  # the call did work on this process's threads
     assert max(idle) < 0.01, f"CPU seconds used while idle after a call: {idle}"
+
+
+def _mapped_rss(path: Path) -> int:
+    """Bytes of ``path``'s mappings resident in this process (``/proc/self/smaps``)."""
+    target, total, inside = str(Path(path).resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
+            inside = len(head) == 6 and head[5] == target
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def _kernel_pages_out() -> bool:
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    major, minor = (int(v) for v in platform.release().split(".")[:2])
+    return (major, minor) >= (5, 4)
+
+
+needs_pageout = pytest.mark.skipif(not _kernel_pages_out(),
+                                   reason="MADV_PAGEOUT needs Linux 5.4 or later")
+needs_openvino_bf16 = pytest.mark.skipif(
+    not (net.runtime_available("openvino") and cpu_has_native_bf16()),
+    reason="OpenVINO bf16 serves only where openvino is installed and the CPU runs bf16 "
+           "natively (AVX512-BF16/AMX)")
+
+
+@needs_pageout
+def test_page_out_file_hands_back_a_mapped_files_pages_and_keeps_its_content(tmp_path):
+    import hashlib
+    import mmap
+    import os
+
+    from core.devices import page_out_file
+
+    data = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "weights.bin"
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())  # clean pages, as a weights file read by a runtime
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert hashlib.sha256(mapped).digest() == hashlib.sha256(data).digest()  # every page read
+        before = _mapped_rss(path)
+        assert before >= 15 << 20
+        assert page_out_file(path) >= len(data)
+        assert _mapped_rss(path) < before / 4
+        assert mapped[:] == data  # read back from the file where touched again
+    assert page_out_file(tmp_path / "not-mapped.bin") == 0
+
+
+@needs_pageout
+@needs_openvino_bf16
+def test_openvino_bf16_reads_an_ir_and_hands_back_its_fp32_source_weights(tmp_path, monkeypatch):
+    """OpenVINO reads the graph's IR from the user's cache, converted once; at bf16 the
+    compiled network computes with bf16 copies of the weights, so the fp32 source weights it
+    keeps mapped are handed back after the first call. The answers are those of the same
+    network compiled from the ONNX file (which keeps them), call after call."""
+    from core.model import model_from_checkpoint
+
+    monkeypatch.setenv("CXR_DATA_HOME", str(tmp_path / "home"))
+    model = model_from_checkpoint(make_ckpt(seed=8, img_size=96))
+    onnx_file = tmp_path / "best.onnx"
+    onnx_file.write_bytes(export.export_graph(model, 96))
+    xml = export.openvino_ir(onnx_file)
+    weights = xml.with_suffix(".bin")
+    assert xml.parent == tmp_path / "home" / "cache" / "openvino" and weights.is_file()
+    stamp = xml.stat().st_mtime_ns
+    assert export.openvino_ir(onnx_file) == xml and xml.stat().st_mtime_ns == stamp  # once
+    widths = net.stage_widths(model)
+    from_ir = net.RuntimeNetwork(xml, widths, "openvino", "bf16")
+    assert _mapped_rss(weights) < weights.stat().st_size / 4
+    kept = net.RuntimeNetwork(onnx_file, widths, "openvino", "bf16")
+    fp32 = net.RuntimeNetwork(xml, widths, "openvino", "fp32")
+    for seed in range(3):
+        x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(seed))
+        a, b = from_ir(x), kept(x)
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.layer4, b.layer4)
+        with torch.inference_mode():
+            assert torch.allclose(fp32(x).logits, model(x), atol=1e-4)
+    del fp32  # the fp32 network computes from the mapped weights themselves
+    gc.collect()
+    from_ir(torch.zeros(1, 3, 96, 96))
+    assert _mapped_rss(weights) < weights.stat().st_size / 4  # its calls never read them back
+
+
+def test_default_settings_serve_openvino_bf16_only_where_its_check_passed_and_the_cpu_runs_it(
+        small_run, tmp_path, monkeypatch):
+    """``runtime="auto", precision="auto"``: OpenVINO bf16 where serving.json records its
+    passed check for these weights, openvino is installed and the CPU runs bf16 natively;
+    fp32 on ONNX Runtime otherwise; an explicit runtime keeps its own choice. The run's
+    summary says the same (core.runs.serving)."""
+    from core import runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "best.onnx", "best.calibration.json", "best.ood.safetensors",
+                 "serving.json", "manifest.csv", "config.json"):
+        shutil.copy2(small_run / name, run / name)
+    best = run / "best.pt"
+    check = json.loads((run / export.SERVING_FILE).read_text())
+
+    def served(passed: bool, **kwargs: str) -> str:
+        check["checks"]["openvino-bf16"] = {"passed": passed}
+        check["checks"]["onnx-int8"] = {"passed": False}
+        (run / export.SERVING_FILE).write_text(json.dumps(check))
+        return Predictor.from_checkpoint(best, device="cpu", **kwargs).network
+
+    monkeypatch.setattr(export, "cpu_has_native_bf16", lambda: False)
+    assert served(True) == "onnx-fp32"  # this CPU would emulate bf16
+    monkeypatch.setattr(export, "cpu_has_native_bf16", lambda: True)
+    assert served(False) == "onnx-fp32"  # its check failed
+    assert runs.serving(check, export.file_sha256(best))["network"] == "onnx-fp32"
+    assert served(True, runtime="onnx") == "onnx-fp32"  # the runtime asked for
+    summary = runs.serving(check, export.file_sha256(best))
+    assert summary["network"] == "openvino-bf16" and "OpenVINO" in summary["text"]
+    available = net.runtime_available
+    monkeypatch.setattr(net, "runtime_available", lambda r: r != "openvino" and available(r))
+    assert served(True) == "onnx-fp32"  # not installed
+    monkeypatch.setattr(net, "runtime_available", available)
+    if net.runtime_available("openvino") and cpu_has_native_bf16():
+        p = Predictor.from_checkpoint(best, device="cpu")
+        assert p.network == "openvino-bf16"
+        assert p.predict(xray_like(3)).network == "openvino-bf16"
 
 
 def test_an_old_int8_block_is_loaded_and_ignored_with_a_note():

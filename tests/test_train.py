@@ -224,6 +224,7 @@ def test_every_finishing_step_runs_at_each_precision(tmp_path, precision):
     unless a reduced precision passed the check, torch fp32 and the runtime's fp32 agree,
     and bf16 (torch autocast; OpenVINO where the CPU has native bf16) still answers."""
     from core import export
+    from core import network as net
     from core.devices import cpu_has_native_bf16
     from core.inference import Predictor
 
@@ -242,7 +243,9 @@ def test_every_finishing_step_runs_at_each_precision(tmp_path, precision):
     assert fp32["top1_agreement"] == 1.0 and fp32["max_abs_dp"] < 1e-4
     default = Predictor.from_checkpoint(best, device="cpu")
     passed = [k for k, c in serving["checks"].items() if c.get("passed") and not k.endswith("fp32")]
-    want = [f"onnx-{p}" for p in ("bf16", "int8") if f"onnx-{p}" in passed][:1] or ["onnx-fp32"]
+    usable = {"openvino-bf16": cpu_has_native_bf16() and net.runtime_available("openvino"),
+              "onnx-int8": True}  # the default settings' order (core.runs.AUTO_SERVING)
+    want = [n for n in ("openvino-bf16", "onnx-int8") if n in passed and usable[n]][:1] or ["onnx-fp32"]
     assert default.network == want[0]
     torch32 = Predictor.from_checkpoint(best, device="cpu", runtime="torch", precision="fp32")
     explicit = Predictor.from_checkpoint(best, device="cpu", runtime="torch", precision="bf16")
