@@ -210,18 +210,26 @@ def ensure_graph(checkpoint: str | Path, ckpt: dict[str, Any] | None = None,
     return path
 
 
+OPENVINO_IR_KEEP = 4
+"""Graphs kept in OpenVINO's cache folder (~100 MB each for a ResNet50); older ones are
+deleted when a new one is converted."""
+
+
 def openvino_ir(onnx_path: str | Path) -> Path:
     """OpenVINO's own format (IR) of an ONNX graph: ``<cache>/openvino/<name>.<SHA-256 of
     the ONNX file, 16 hex>.xml`` and its ``.bin`` (:func:`cache_dir`), converted now when
     missing (``ov.save_model``, weights kept fp32). The graph is the same; read from an IR,
     OpenVINO maps the weights from the ``.bin`` instead of copying them into the process.
-    Raises ``OSError`` where the cache cannot be written."""
+    The cache keeps the :data:`OPENVINO_IR_KEEP` most recently used graphs. Raises
+    ``OSError`` where the cache cannot be written."""
     import openvino as ov
 
     onnx_path = Path(onnx_path)
     folder = cache_dir() / "openvino"
     xml = folder / f"{onnx_path.stem}.{_sha_of(onnx_path)[:16]}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
+        with contextlib.suppress(OSError):
+            os.utime(xml)  # most recently used
         return xml
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -236,6 +244,12 @@ def openvino_ir(onnx_path: str | Path) -> Path:
                 leftover.unlink()
     log.info("Converted %s to OpenVINO's format in %.1f s", onnx_path.name,
              time.perf_counter() - t0)
+    kept = [p for p in folder.glob("*.xml") if ".tmp-" not in p.name]
+    older = sorted(kept, key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in older[OPENVINO_IR_KEEP:]:  # a process still reading one keeps its open copy
+        for part in (old, old.with_suffix(".bin")):
+            with contextlib.suppress(OSError):
+                part.unlink()
     return xml
 
 
@@ -675,7 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(best.int8.onnx) and check every reduced precision this CPU serves against PyTorch "
         f"fp32 on validation (top-1 agreement >= {MIN_TOP1_AGREEMENT:.1%}, no changed decision "
         f"at the operating point, OOD flags >= {MIN_OOD_AGREEMENT:.0%}); serving.json records "
-        "it, and precision 'auto' uses only what passed.",
+        "it, and precision 'auto' uses only what passed (by default OpenVINO bf16 first, "
+        "then ONNX Runtime int8).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ap.add_argument("run_dir", help="the run folder (best.pt)")

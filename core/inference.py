@@ -34,9 +34,10 @@ Networks
 The predictor calls one network object (:mod:`core.network`): on the CPU by default the
 run's graph exported once to ONNX (``best.onnx`` beside ``best.pt``, :mod:`core.export`)
 on ONNX Runtime at fp32, which keeps PyTorch fp32's decisions; on a GPU, and with
-``runtime="torch"``, the eager ``nn.Module``. A reduced precision (bf16 where the CPU runs
-it natively, int8) serves only with ``precision="auto"`` when the run's check passed on
-validation, or when asked for. ``Prediction.network`` says which runtime and precision
+``runtime="torch"``, the eager ``nn.Module``. A reduced precision serves only when asked
+for, or with ``precision="auto"`` when the run's check passed on validation: by default
+(``runtime="auto"``) OpenVINO bf16 where the CPU runs bf16 natively, else ONNX Runtime int8
+(:data:`core.runs.AUTO_SERVING`). ``Prediction.network`` says which runtime and precision
 answered. A run with a lung view (not ``none``) segments each image with the shipped
 lung segmenter on the same runtime (``segmenter.onnx`` beside ``best.pt``, fp32; the eager
 U-Net with ``runtime="torch"``); ``Prediction.segmenter`` says which. ``python -m core.bench
@@ -278,9 +279,10 @@ class Predictor:
     Build with :meth:`from_checkpoint`. Thread-safe (see the module docstring); load once
     per process and share (``st.cache_resource`` in the dashboard).
 
-    ``runtime``: ``auto`` (the exported graph on the CPU serving runtime, eager torch on a
-    GPU), ``torch``, ``onnx`` or ``openvino``; ``precision``: ``auto`` (fp32 on the CPU
-    unless the run's check let a reduced precision serve, :mod:`core.export`), ``fp32``,
+    ``runtime``: ``auto`` (the exported graph on the CPU: OpenVINO bf16 or ONNX Runtime int8
+    where the run's check let it serve, else ONNX Runtime fp32, :func:`core.export.auto_serving`;
+    eager torch on a GPU), ``torch``, ``onnx`` or ``openvino``; ``precision``: ``auto`` (fp32
+    on the CPU unless the run's check let a reduced precision serve, :mod:`core.export`), ``fp32``,
     ``bf16``, ``fp16`` (torch on a GPU) or ``int8`` (see :mod:`core.network`).
     """
 

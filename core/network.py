@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 """``torch``: eager PyTorch; ``onnx``: ONNX Runtime (CPU); ``openvino``: OpenVINO (CPU);
-``auto``: the CPU serving runtime (:data:`DEFAULT_RUNTIME`) on the CPU, torch on a GPU."""
+``auto``: on the CPU, :data:`DEFAULT_RUNTIME`, or the runtime of a reduced precision the run's
+check let serve (``core.export.auto_serving``); torch on a GPU."""
 DEFAULT_RUNTIME = "onnx"
-"""The CPU serving runtime, chosen by measurement (``docs/ARCHITECTURE.md``)."""
+"""The CPU serving runtime at fp32, chosen by measurement (``docs/ARCHITECTURE.md``)."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 """``auto``: fp32 on the CPU unless a reduced precision passed the run's check
 (:mod:`core.export`); the device's autocast dtype on a GPU."""

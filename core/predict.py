@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: onnx (ONNX Runtime on the graph exported "
                         "beside best.pt, python -m core.export), openvino, or torch (eager "
-                        "PyTorch); auto: onnx on the CPU, torch on a GPU. A run with a lung "
+                        "PyTorch); auto: on the CPU onnx, or openvino for bf16 where the CPU runs "
+                        "it natively and the run's check passed; torch on a GPU. A run with a lung "
                         "view segments on the same runtime at fp32 (segmenter.onnx beside "
                         "best.pt) (default auto)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,

@@ -209,6 +209,37 @@ def test_openvino_bf16_reads_an_ir_and_hands_back_its_fp32_source_weights(tmp_pa
     assert _mapped_rss(weights) < weights.stat().st_size / 4  # its calls never read them back
 
 
+@pytest.mark.skipif(not net.runtime_available("openvino"), reason="openvino is not installed")
+def test_openvino_ir_cache_converts_each_graph_once_and_keeps_the_most_recently_used(
+        tmp_path, monkeypatch):
+    import os
+
+    from core.model import model_from_checkpoint
+
+    monkeypatch.setenv("CXR_DATA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(export, "OPENVINO_IR_KEEP", 2)
+    graphs = []
+    for seed in (1, 2, 3):
+        path = tmp_path / f"g{seed}" / "best.onnx"
+        path.parent.mkdir()
+        path.write_bytes(export.export_graph(model_from_checkpoint(make_ckpt(seed=seed)), 64))
+        graphs.append(path)
+    first = export.openvino_ir(graphs[0])
+    second = export.openvino_ir(graphs[1])
+    assert first != second and first.name.startswith("best.")
+    os.utime(second, (1, 1))  # long unused
+    assert export.openvino_ir(graphs[0]) == first  # used again: the most recent
+    third = export.openvino_ir(graphs[2])
+    left = sorted(p.name for p in (tmp_path / "home" / "cache" / "openvino").iterdir())
+    assert left == sorted([first.name, first.with_suffix(".bin").name,
+                           third.name, third.with_suffix(".bin").name])
+    widths = net.stage_widths(model_from_checkpoint(make_ckpt(seed=3)))
+    x = torch.randn(1, 3, 64, 64)
+    a = net.RuntimeNetwork(third, widths, "openvino", "fp32")(x)
+    b = net.RuntimeNetwork(graphs[2], widths, "openvino", "fp32")(x)
+    assert torch.equal(a.logits, b.logits)  # the same graph
+
+
 def test_default_settings_serve_openvino_bf16_only_where_its_check_passed_and_the_cpu_runs_it(
         small_run, tmp_path, monkeypatch):
     """``runtime="auto", precision="auto"``: OpenVINO bf16 where serving.json records its
