@@ -49,7 +49,16 @@ def load_predictor(checkpoint: str, stamp: tuple[tuple[str, float], ...]) -> Any
     part of the key, so a rewritten checkpoint is loaded again; at most two are held."""
     from core.inference import Predictor
 
-    return Predictor.from_checkpoint(checkpoint)
+    return Predictor.from_checkpoint(checkpoint, precision=serving_precision())
+
+
+def serving_precision() -> str:
+    """The precision the app serves with: ``CXR_PRECISION`` (a deployment setting, read
+    when a predictor is loaded), else ``auto`` (a reduced precision only where the run's
+    check passed on this CPU). ``fp32`` gives PyTorch fp32's answers on every CPU."""
+    import os
+
+    return os.environ.get("CXR_PRECISION", "").strip().lower() or "auto"
 
 
 def predictor_for(run: runs.RunArtifacts) -> Any:

@@ -279,6 +279,24 @@ def test_default_settings_serve_openvino_bf16_only_where_its_check_passed_and_th
         assert p.network == "openvino-bf16"
         assert p.predict(xray_like(3)).network == "openvino-bf16"
 
+    # The app's deployment setting: CXR_PRECISION=fp32 keeps PyTorch fp32's answers.
+    from core import ui
+    from core.errors import ConfigError
+
+    monkeypatch.setattr(export, "cpu_has_native_bf16", cpu_has_native_bf16)
+    served(True)
+    stamp = runs.predictor_files(best)
+    for value, want in (("", "openvino-bf16" if export.auto_serving(best)[0] == "openvino"
+                         else "onnx-fp32"), ("fp32", "onnx-fp32"), (" FP32 ", "onnx-fp32")):
+        monkeypatch.setenv("CXR_PRECISION", value)
+        ui.load_predictor.clear()
+        assert ui.load_predictor(str(best), stamp).network == want
+    monkeypatch.setenv("CXR_PRECISION", "fast")
+    ui.load_predictor.clear()
+    with pytest.raises(ConfigError, match="precision='fast'"):
+        ui.load_predictor(str(best), stamp)
+    ui.load_predictor.clear()
+
 
 def test_an_old_int8_block_is_loaded_and_ignored_with_a_note():
     ckpt = make_ckpt(int8={"engine": "onednn", "graph": 2, "observers": {"x": torch.zeros(1)}})
