@@ -142,8 +142,27 @@ def _kernel_pages_out() -> bool:
     return (major, minor) >= (5, 4)
 
 
-needs_pageout = pytest.mark.skipif(not _kernel_pages_out(),
-                                   reason="MADV_PAGEOUT needs Linux 5.4 or later")
+def _on_memory_fs(path: Path) -> bool:
+    """``path`` lies on a filesystem held in memory (tmpfs...), whose pages cannot be handed
+    back to a file (without swap they stay resident)."""
+    target, best, fstype = str(Path(path).resolve()), "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, kind = line.split()[:3]
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, kind
+    return fstype in ("tmpfs", "ramfs", "shm")
+
+
+def _pages_out_here() -> bool:
+    import tempfile
+
+    return _kernel_pages_out() and not _on_memory_fs(Path(tempfile.gettempdir()))
+
+
+needs_pageout = pytest.mark.skipif(
+    not _pages_out_here(),
+    reason="MADV_PAGEOUT needs Linux 5.4 or later, and the temporary folder on a disk (not tmpfs)")
 needs_openvino_bf16 = pytest.mark.skipif(
     not (net.runtime_available("openvino") and cpu_has_native_bf16()),
     reason="OpenVINO bf16 serves only where openvino is installed and the CPU runs bf16 "

@@ -72,7 +72,7 @@ def test_openvino_segmenter_masks_agree_with_the_torch_unet_on_phantoms(torch_se
     from core import network as net
 
     if not net.runtime_available("openvino"):
-        pytest.skip("the openvino runtime is not installed (requirements-dev.txt has it)")
+        pytest.skip("the openvino runtime is not installed (requirements.txt has it)")
     ov_seg = export.open_segmenter("openvino")
     assert ov_seg.runtime == "openvino-fp32"
     img = phantoms(1)[0]
