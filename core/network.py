@@ -239,7 +239,7 @@ def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
         # first call, yet keeps the fp32 source weights it was compiled from; mapped from the
         # IR's .bin, their pages are only read once. Handing them back to the OS after that
         # first call takes ~90 MB (ResNet50) off the process, and the answers stay the same
-        # (tests/test_network.py; figures: docs/ARCHITECTURE.md).
+        # (tests/test_export.py; figures: docs/ARCHITECTURE.md).
         request.infer({0: np.zeros(in_shape, np.float32)})
         released = page_out_file(Path(graph).with_suffix(".bin"))
         log.debug("OpenVINO bf16: paged out %.0f MB of mapped source weights", released / 2**20)
