@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import export, gradcam, ood, sidecars
+from core import gradcam, ood, serving, sidecars
 from core.config import PreprocessConfig
 from core.devices import release_free_memory, resolve_device
 from core.errors import CheckpointError, ConfigError, InvalidImageError
@@ -280,7 +280,7 @@ class Predictor:
     per process and share (``st.cache_resource`` in the dashboard).
 
     ``runtime``: ``auto`` (the exported graph on the CPU: OpenVINO bf16 or ONNX Runtime int8
-    where the run's check let it serve, else ONNX Runtime fp32, :func:`core.export.auto_serving`;
+    where the run's check let it serve, else ONNX Runtime fp32, :func:`core.serving.auto_serving`;
     eager torch on a GPU), ``torch``, ``onnx`` or ``openvino``; ``precision``: ``auto`` (fp32
     on the CPU unless the run's check let a reduced precision serve, :mod:`core.export`), ``fp32``,
     ``bf16``, ``fp16`` (torch on a GPU) or ``int8`` (see :mod:`core.network`).
@@ -304,9 +304,9 @@ class Predictor:
         self.low_confidence_threshold = float(low["threshold"]) if low else _NAN
         model = _network(ckpt)
         self._fc_weight = gradcam.classifier_layer(model).weight.detach().float().clone()
-        self._net, notes = export.open_network(ckpt, model, source=source, device=self.device,
+        self._net, notes = serving.open_network(ckpt, model, source=source, device=self.device,
                                                runtime=runtime, precision=precision)
-        self._segmenter = (export.open_segmenter(self._net.runtime, source)  # same runtime
+        self._segmenter = (serving.open_segmenter(self._net.runtime, source)  # same runtime
                            if self.preprocess.lung_view != "none" else None)
         self._focus_segmenter: LungSegmenter | None = None  # lung focus without a lung view
         self.notes = self._static_notes(low) + notes
@@ -455,7 +455,7 @@ class Predictor:
             return self._segmenter
         with self._model_lock:
             if self._focus_segmenter is None:
-                self._focus_segmenter = export.open_segmenter(self._net.runtime, cache=True)
+                self._focus_segmenter = serving.open_segmenter(self._net.runtime, cache=True)
             return self._focus_segmenter
 
     # -- the network

@@ -137,7 +137,7 @@ class LungSegmenter:
     """A trained lung-field segmenter. Build with :meth:`load`; thread-safe for inference.
 
     The network runs as eager torch (``runtime = "torch-fp32"``) unless :meth:`on_runtime`
-    gave a copy whose network is an exported graph (:func:`core.export.open_segmenter`):
+    gave a copy whose network is an exported graph (:func:`core.serving.open_segmenter`):
     the pre- and post-processing here are the same for both.
     """
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 """``torch``: eager PyTorch; ``onnx``: ONNX Runtime (CPU); ``openvino``: OpenVINO (CPU);
 ``auto``: on the CPU, :data:`DEFAULT_RUNTIME`, or the runtime of a reduced precision the run's
-check let serve (``core.export.auto_serving``); torch on a GPU."""
+check let serve (``core.serving.auto_serving``); torch on a GPU."""
 DEFAULT_RUNTIME = "onnx"
 """The CPU serving runtime at fp32, chosen by measurement (``docs/ARCHITECTURE.md``)."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -184,7 +184,7 @@ def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
     Runtime (``onnx``) or OpenVINO (``openvino``) on the CPU, at ``precision`` (see
     :func:`check_precision`); thread-safe. ``threads``: intra-op threads (default: torch's
     setting, at most the CPUs available). The classifier's :class:`RuntimeNetwork` and the
-    lung segmenter's runtime (:func:`core.export.open_segmenter`) both run on it."""
+    lung segmenter's runtime (:func:`core.serving.open_segmenter`) both run on it."""
     check_precision(runtime, precision)
     threads = threads or min(usable_cpus(), torch.get_num_threads())
     if runtime == "onnx":
@@ -213,7 +213,7 @@ def runtime_session(graph: str | Path | bytes, runtime: str, precision: str,
     import openvino as ov
 
     core = ov.Core()
-    # From a file, OpenVINO maps the weights (an IR's .bin; core.export.openvino_ir) instead
+    # From a file, OpenVINO maps the weights (an IR's .bin; core.serving.openvino_ir) instead
     # of copying them into the process.
     model = core.read_model(graph if isinstance(graph, bytes) else str(graph))
     # Compiled for one image (a static batch of 1), and a batch runs image by image. With

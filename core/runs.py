@@ -175,7 +175,7 @@ AUTO_SERVING = (("openvino", "bf16"), ("onnx", "int8"))
 """What the predictor's default settings (``runtime="auto", precision="auto"``) serve on a
 CPU, fastest first, before fp32 on ONNX Runtime: each only where the run's check
 (``serving.json``, of these weights) passed for it, its runtime is installed and, for bf16,
-the CPU runs bf16 natively (``core.export.auto_serving``)."""
+the CPU runs bf16 natively (``core.serving.auto_serving``)."""
 
 _SERVING_TEXT = {
     "openvino-bf16": "bf16 graph on OpenVINO where the CPU runs bf16 natively (passed its check "

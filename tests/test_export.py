@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import export
+from core import export, serving
 from core import network as net
 from core.data import load_manifest
 from core.devices import cpu_has_native_bf16
@@ -206,11 +206,11 @@ def test_openvino_bf16_reads_an_ir_and_hands_back_its_fp32_source_weights(tmp_pa
     model = model_from_checkpoint(make_ckpt(seed=8, img_size=96))
     onnx_file = tmp_path / "best.onnx"
     onnx_file.write_bytes(export.export_graph(model, 96))
-    xml = export.openvino_ir(onnx_file)
+    xml = serving.openvino_ir(onnx_file)
     weights = xml.with_suffix(".bin")
     assert xml.parent == tmp_path / "home" / "cache" / "openvino" and weights.is_file()
     stamp = weights.stat().st_mtime_ns
-    assert export.openvino_ir(onnx_file) == xml and weights.stat().st_mtime_ns == stamp  # once
+    assert serving.openvino_ir(onnx_file) == xml and weights.stat().st_mtime_ns == stamp  # once
     widths = net.stage_widths(model)
     from_ir = net.RuntimeNetwork(xml, widths, "openvino", "bf16")
     assert _mapped_rss(weights) < weights.stat().st_size / 4
@@ -236,19 +236,19 @@ def test_openvino_ir_cache_converts_each_graph_once_and_keeps_the_most_recently_
     from core.model import model_from_checkpoint
 
     monkeypatch.setenv("CXR_DATA_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(export, "OPENVINO_IR_KEEP", 2)
+    monkeypatch.setattr(serving, "OPENVINO_IR_KEEP", 2)
     graphs = []
     for seed in (1, 2, 3):
         path = tmp_path / f"g{seed}" / "best.onnx"
         path.parent.mkdir()
         path.write_bytes(export.export_graph(model_from_checkpoint(make_ckpt(seed=seed)), 64))
         graphs.append(path)
-    first = export.openvino_ir(graphs[0])
-    second = export.openvino_ir(graphs[1])
+    first = serving.openvino_ir(graphs[0])
+    second = serving.openvino_ir(graphs[1])
     assert first != second and first.name.startswith("best.")
     os.utime(second, (1, 1))  # long unused
-    assert export.openvino_ir(graphs[0]) == first  # used again: the most recent
-    third = export.openvino_ir(graphs[2])
+    assert serving.openvino_ir(graphs[0]) == first  # used again: the most recent
+    third = serving.openvino_ir(graphs[2])
     left = sorted(p.name for p in (tmp_path / "home" / "cache" / "openvino").iterdir())
     assert left == sorted([first.name, first.with_suffix(".bin").name,
                            third.name, third.with_suffix(".bin").name])
@@ -281,9 +281,9 @@ def test_default_settings_serve_openvino_bf16_only_where_its_check_passed_and_th
         (run / export.SERVING_FILE).write_text(json.dumps(check))
         return Predictor.from_checkpoint(best, device="cpu", **kwargs).network
 
-    monkeypatch.setattr(export, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(serving, "cpu_has_native_bf16", lambda: False)
     assert served(True) == "onnx-fp32"  # this CPU would emulate bf16
-    monkeypatch.setattr(export, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(serving, "cpu_has_native_bf16", lambda: True)
     assert served(False) == "onnx-fp32"  # its check failed
     assert runs.serving(check, export.file_sha256(best))["network"] == "onnx-fp32"
     assert served(True, runtime="onnx") == "onnx-fp32"  # the runtime asked for
@@ -302,10 +302,10 @@ def test_default_settings_serve_openvino_bf16_only_where_its_check_passed_and_th
     from core import ui
     from core.errors import ConfigError
 
-    monkeypatch.setattr(export, "cpu_has_native_bf16", cpu_has_native_bf16)
+    monkeypatch.setattr(serving, "cpu_has_native_bf16", cpu_has_native_bf16)
     served(True)
     stamp = runs.predictor_files(best)
-    for value, want in (("", "openvino-bf16" if export.auto_serving(best)[0] == "openvino"
+    for value, want in (("", "openvino-bf16" if serving.auto_serving(best)[0] == "openvino"
                          else "onnx-fp32"), ("fp32", "onnx-fp32"), (" FP32 ", "onnx-fp32")):
         monkeypatch.setenv("CXR_PRECISION", value)
         ui.load_predictor.clear()
@@ -321,7 +321,7 @@ def test_an_old_int8_block_is_loaded_and_ignored_with_a_note():
     ckpt = make_ckpt(int8={"engine": "onednn", "graph": 2, "observers": {"x": torch.zeros(1)}})
     p = Predictor(ckpt, runtime="torch")
     pred = p.predict(xray_like(1))
-    assert export.OLD_INT8_NOTE in pred.notes and pred.network == "torch-fp32"
+    assert serving.OLD_INT8_NOTE in pred.notes and pred.network == "torch-fp32"
 
 
 def test_runtime_and_precision_choices_are_checked():

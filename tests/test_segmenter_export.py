@@ -1,4 +1,4 @@
-"""The lung segmenter on the serving runtime (core.export.open_segmenter, ``segmenter.onnx``):
+"""The lung segmenter on the serving runtime (core.serving.open_segmenter, ``segmenter.onnx``):
 its masks agree with the eager torch U-Net's on phantoms and real X-rays, the sidecar carries
 the segmenter weights' hash and is exported again when that does not match, and a lung-view
 run served from ONNX Runtime segments there and crops the same lung box as torch."""
@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from core import export, lungs, synthetic
+from core import export, lungs, serving, synthetic
 from core.config import PreprocessConfig, to_dict
 from core.inference import Predictor
 from core.model import save_checkpoint
@@ -30,7 +30,7 @@ def torch_seg() -> lungs.LungSegmenter:
 
 @pytest.fixture(scope="module")
 def onnx_seg() -> lungs.LungSegmenter:
-    return export.open_segmenter("onnx")  # no checkpoint: exported in memory
+    return serving.open_segmenter("onnx")  # no checkpoint: exported in memory
 
 
 def phantoms(n: int = 3, size: int = 256) -> list[np.ndarray]:
@@ -73,7 +73,7 @@ def test_openvino_segmenter_masks_agree_with_the_torch_unet_on_phantoms(torch_se
 
     if not net.runtime_available("openvino"):
         pytest.skip("the openvino runtime is not installed (requirements.txt has it)")
-    ov_seg = export.open_segmenter("openvino")
+    ov_seg = serving.open_segmenter("openvino")
     assert ov_seg.runtime == "openvino-fp32"
     img = phantoms(1)[0]
     assert np.abs(ov_seg.logits(img) - torch_seg.logits(img)).max() < 1e-3
@@ -106,7 +106,7 @@ def test_the_sidecar_is_stamped_and_exported_again_when_its_stamp_does_not_match
     assert export.is_current(path, torch_seg.sha256)
     stamp = path.stat().st_mtime_ns
     best.write_bytes(b"")  # open_segmenter serves the sidecar beside an existing checkpoint
-    rebuilt = export.open_segmenter("onnx", str(best))
+    rebuilt = serving.open_segmenter("onnx", str(best))
     assert path.stat().st_mtime_ns == stamp and rebuilt.runtime == "onnx-fp32"
     assert_same_masks(torch_seg, rebuilt, phantoms(1))
 

@@ -49,7 +49,7 @@ def test_evaluation_modules_are_under_500_lines() -> None:
 
 def test_the_predictor_constructor_stays_small() -> None:
     """The runtime issue's bound: ``Predictor.__init__`` under 40 lines (it prepares, opens
-    one network through ``core.export.open_network`` and keeps what results need)."""
+    one network through ``core.serving.open_network`` and keeps what results need)."""
     tree = ast.parse((CORE / "inference.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
     init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
