@@ -246,8 +246,9 @@ def test_openvino_ir_cache_converts_each_graph_once_and_keeps_the_most_recently_
     first = serving.openvino_ir(graphs[0])
     second = serving.openvino_ir(graphs[1])
     assert first != second and first.name.startswith("best.")
-    os.utime(second, (1, 1))  # long unused
-    assert serving.openvino_ir(graphs[0]) == first  # used again: the most recent
+    os.utime(first, (1, 1))  # the oldest use...
+    os.utime(second, (2, 2))
+    assert serving.openvino_ir(graphs[0]) == first  # ...until used again: now the most recent
     third = serving.openvino_ir(graphs[2])
     left = sorted(p.name for p in (tmp_path / "home" / "cache" / "openvino").iterdir())
     assert left == sorted([first.name, first.with_suffix(".bin").name,
